@@ -1,0 +1,154 @@
+"""The metadata a LoRA file carries: sd-scripts' ss_* training keys and the ModelSpec (modelspec.*) keys.
+
+Readers (WebUI extensions, ComfyUI, civitai, sd-scripts' own tools) parse these strings, so the key
+names and the value spelling follow sd-scripts exactly: plain values are `str(value)` (so None is
+"None" and True is "True"), nested values are `json.dumps` output.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import mimetypes
+from pathlib import Path
+from typing import Any, Mapping
+
+# ----------------------------------------------------------------------------- ss_* training metadata
+# Field names are the keys without "ss_". sd-scripts writes these from train_network.py (and the SD3
+# trainer's update_metadata); listing them lets a misspelt field fail instead of writing a stray key.
+_JSON_FIELDS = frozenset({"network_args", "tag_frequency", "dataset_dirs", "reg_dataset_dirs", "bucket_info", "datasets"})
+_TEXT_FIELDS = frozenset({
+    # run identity and progress
+    "session_id", "training_started_at", "training_finished_at", "output_name", "training_comment",
+    "sd_scripts_commit_hash", "steps", "epoch", "num_epochs", "max_train_steps", "num_batches_per_epoch",
+    # network
+    "network_module", "network_dim", "network_alpha", "network_dropout", "scale_weight_norms",
+    # base model
+    "base_model_version", "v2", "sd_model_name", "sd_model_hash", "new_sd_model_hash", "vae_name", "vae_hash",
+    "new_vae_hash", "clip_skip", "max_token_length", "fp8_base", "fp8_base_unet", "lowram",
+    # optimisation
+    "learning_rate", "unet_lr", "text_encoder_lr", "optimizer", "lr_scheduler", "lr_warmup_steps", "max_grad_norm",
+    "mixed_precision", "full_fp16", "gradient_checkpointing", "gradient_accumulation_steps", "seed",
+    "batch_size_per_device", "total_batch_size",
+    # data
+    "num_train_images", "num_reg_images", "num_validation_images", "resolution", "enable_bucket", "min_bucket_reso",
+    "max_bucket_reso", "bucket_no_upscale", "cache_latents", "color_aug", "flip_aug", "random_crop", "shuffle_caption",
+    "keep_tokens", "caption_dropout_rate", "caption_dropout_every_n_epochs", "caption_tag_dropout_rate",
+    "face_crop_aug_range", "resize_interpolation", "prior_loss_weight",
+    # noise and loss
+    "noise_offset", "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations",
+    "multires_noise_discount", "ip_noise_gamma", "ip_noise_gamma_random_strength", "zero_terminal_snr",
+    "min_snr_gamma", "debiased_estimation", "loss_type", "huber_schedule", "huber_scale", "huber_c",
+    # validation
+    "validation_seed", "validation_split", "max_validation_steps", "validate_every_n_epochs", "validate_every_n_steps",
+    # SD3 (sd3_train_network.update_metadata)
+    "apply_lg_attn_mask", "apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+})
+
+# What --no_metadata still writes: enough for loaders to apply the LoRA correctly (sd-scripts' SS_METADATA_MINIMUM_KEYS).
+MINIMUM_KEYS: tuple[str, ...] = (
+    "ss_v2", "ss_base_model_version", "ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_args",
+)
+
+
+def lora_training_metadata(**fields: Any) -> dict[str, str]:
+    """ss_* metadata from keyword fields named like the keys without "ss_" (network_dim=16 → ss_network_dim="16").
+
+    Nested fields (network_args, tag_frequency, dataset_dirs, reg_dataset_dirs, bucket_info, datasets)
+    take dicts/lists and are stored as JSON; None for one of them leaves the key out. Every other field
+    is stored as str(value), as sd-scripts does.
+    """
+    metadata: dict[str, str] = {}
+    for name, value in fields.items():
+        if name in _JSON_FIELDS:
+            if value is None:
+                continue
+            if not isinstance(value, (dict, list, tuple)):
+                raise ValueError(f"metadata field {name!r} takes a dict or list (stored as JSON), got {type(value).__name__}")
+            metadata[f"ss_{name}"] = json.dumps(value)
+        elif name in _TEXT_FIELDS:
+            metadata[f"ss_{name}"] = str(value)
+        else:
+            raise ValueError(f"unknown LoRA metadata field {name!r}: sd-scripts writes no ss_{name} key "
+                             "(check the spelling, or add it to library/metadata.py if sd-scripts gained it)")
+    return metadata
+
+
+def minimum_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """The subset --no_metadata keeps."""
+    return {key: metadata[key] for key in MINIMUM_KEYS if key in metadata}
+
+
+# ----------------------------------------------------------------------------- modelspec (Stability AI ModelSpec 1.0.1)
+MODELSPEC_VERSION = "1.0.1"
+IMPLEMENTATION_DIFFUSERS = "diffusers"
+IMPLEMENTATION_STABILITY_AI = "https://github.com/Stability-AI/generative-models"
+
+_MODELSPEC_OPTIONAL = frozenset({
+    "author", "description", "license", "tags", "usage_hint", "thumbnail", "merged_from", "trigger_phrase",
+    "preprocessor", "is_negative_embedding", "timestep_range", "encoder_layer", "implementation_version",
+    "hash_sha256", "unet_dtype", "vae_dtype",
+})
+
+
+def modelspec_metadata(*, architecture: str, implementation: str, title: str | None, resolution: str | int | tuple[int, int],
+                       prediction_type: str | None, timestamp: float, **optional: Any) -> dict[str, str]:
+    """modelspec.* keys as sd-scripts' sai_model_spec writes them.
+
+    architecture: e.g. "stable-diffusion-v1/lora", "stable-diffusion-xl-v1-base/lora",
+    "stable-diffusion-3-5-medium/lora" (the family decides). title: --metadata_title or the output
+    name; None gives sd-scripts' "LoRA@<timestamp>". resolution: "WxH", "W,H", W or (W, H).
+    optional: the --metadata_* values (author, description, license, tags, usage_hint, thumbnail,
+    merged_from, trigger_phrase, preprocessor, is_negative_embedding) and timestep_range ((min, max) or
+    "min,max"), encoder_layer (clip skip), implementation_version, hash_sha256, unet_dtype, vae_dtype;
+    None values are left out. A thumbnail that is a file path is embedded as a data URL.
+    """
+    unknown = sorted(set(optional) - _MODELSPEC_OPTIONAL)
+    if unknown:
+        raise ValueError(f"unknown modelspec field(s) {', '.join(unknown)}; known: {', '.join(sorted(_MODELSPEC_OPTIONAL))}")
+    values: dict[str, Any] = {
+        "sai_model_spec": MODELSPEC_VERSION,
+        "architecture": architecture,
+        "implementation": implementation,
+        "title": title if title else f"LoRA@{timestamp}",
+        "resolution": modelspec_resolution(resolution),
+        "date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),  # local time, whole seconds, as sd-scripts
+        "prediction_type": prediction_type,
+    }
+    for name, value in optional.items():
+        if name == "timestep_range" and isinstance(value, (tuple, list)):
+            value = f"{value[0]},{value[1]}"
+        elif name == "thumbnail" and value is not None and not str(value).startswith("data:"):
+            value = thumbnail_data_url(Path(value))
+        values[name] = value
+    return {f"modelspec.{name}": str(value) for name, value in values.items() if value is not None}
+
+
+def modelspec_resolution(resolution: str | int | tuple[int, int]) -> str:
+    """"WxH" from the spellings the flags use: 512, "512", "512,768", (512, 768) or already "512x768"."""
+    if isinstance(resolution, str):
+        if "x" in resolution:
+            return resolution
+        parts = [int(part) for part in resolution.split(",")]
+    elif isinstance(resolution, int):
+        parts = [resolution]
+    else:
+        parts = [int(part) for part in resolution]
+    if len(parts) == 1:
+        parts = parts * 2
+    if len(parts) != 2:
+        raise ValueError(f"resolution {resolution!r} must be 'size' or 'width,height'")
+    return f"{parts[0]}x{parts[1]}"
+
+
+class ThumbnailNotFoundError(FileNotFoundError):
+    """--metadata_thumbnail names a file that does not exist."""
+
+
+def thumbnail_data_url(path: Path) -> str:
+    """An image file as a data: URL, the form ModelSpec stores thumbnails in."""
+    if not path.is_file():
+        raise ThumbnailNotFoundError(f"--metadata_thumbnail {path}: no such file; give an image path or a data: URL")
+    mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return f"data:{mime_type};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"

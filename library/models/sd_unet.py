@@ -1,0 +1,405 @@
+"""The Stable Diffusion 1.x/2.x U-Net in the original ldm layout.
+
+Module names equal the keys under ``model.diffusion_model.`` in SD1/SD2 single-file checkpoints
+(``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`` ...), so a checkpoint loads with a plain
+``load_state_dict`` and LoRA module paths come straight from ``named_modules()``. The file reads top-down
+like ldm's ``openaimodel.py`` / ``attention.py``: timestep embedding, ResBlock, resampling, attention,
+transformer, the U-Net, and finally the config inference from checkpoint tensors.
+
+Shapes: B batch, C channels, H/W latent height/width, L context tokens, D context width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass(frozen=True)
+class SdUNetConfig:
+    """Hyper-parameters of an SD1.x/2.x U-Net (ldm ``UNetModel`` arguments, named as there).
+
+    attention_levels: resolution levels (0 = full latent size) whose blocks carry a SpatialTransformer;
+        ldm spells this as ``attention_resolutions`` in downsampling factors (4, 2, 1 = levels 0, 1, 2).
+    num_heads / num_head_channels: SD1 fixes 8 heads at every level; SD2 fixes 64 channels per head, so
+        its head count grows with the level width. Setting ``num_head_channels`` selects the SD2 rule.
+    use_linear_in_transformer: SD2 stores proj_in/proj_out as Linear, SD1 as 1x1 Conv.
+    """
+
+    in_channels: int = 4
+    out_channels: int = 4
+    model_channels: int = 320
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (0, 1, 2)
+    context_dim: int = 768
+    num_heads: int = 8
+    num_head_channels: int | None = None
+    use_linear_in_transformer: bool = False
+    transformer_depth: int = 1
+    norm_groups: int = 32
+
+    def __post_init__(self) -> None:
+        bad_levels = [level for level in self.attention_levels if not 0 <= level < len(self.channel_mult)]
+        if bad_levels:
+            raise ValueError(
+                f"SdUNetConfig.attention_levels {bad_levels} out of range for channel_mult {self.channel_mult}; "
+                f"use level indices 0..{len(self.channel_mult) - 1}"
+            )
+        for mult in self.channel_mult:
+            channels = self.model_channels * mult
+            if channels % self.heads_at(channels):
+                raise ValueError(
+                    f"SdUNetConfig: {channels} channels do not split into {self.heads_at(channels)} heads; "
+                    "change num_heads / num_head_channels"
+                )
+
+    def heads_at(self, channels: int) -> int:
+        """Attention heads of a transformer with ``channels`` channels (ldm's SD1 vs SD2 rule)."""
+        if self.num_head_channels is None:
+            return self.num_heads
+        return max(1, channels // self.num_head_channels)
+
+
+SD1_UNET_CONFIG = SdUNetConfig()
+SD2_UNET_CONFIG = SdUNetConfig(context_dim=1024, num_head_channels=64, use_linear_in_transformer=True)
+
+
+def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal embedding (B,) -> (B, dim) in float32, cosine half first as in ldm."""
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+    args = timesteps.float()[:, None] * torch.exp(exponent)[None]
+    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        embedding = F.pad(embedding, (0, 1))
+    return embedding
+
+
+class ResBlock(nn.Module):
+    """Two 3x3 convs with the timestep embedding added in between; 1x1 skip when the width changes."""
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int, norm_groups: int):
+        super().__init__()
+        self.in_layers = nn.Sequential(
+            nn.GroupNorm(norm_groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+        )
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        # The Dropout keeps the final conv at index 3, where checkpoints store it.
+        self.out_layers = nn.Sequential(
+            nn.GroupNorm(norm_groups, out_channels),
+            nn.SiLU(),
+            nn.Dropout(0.0),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+        )
+        if channels == out_channels:
+            self.skip_connection = nn.Identity()
+        else:
+            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        h = self.in_layers(x)  # (B, C_out, H, W)
+        h = h + self.emb_layers(emb)[:, :, None, None]
+        h = self.out_layers(h)
+        return self.skip_connection(x) + h
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.op(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of x over context (self-attention when context is None)."""
+
+    def __init__(self, query_dim: int, context_dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner_dim = heads * dim_head
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        # A Sequential so the projection's key is to_out.0, as in the checkpoints.
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N|L, heads*dim_head)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (B, heads, N, dim_head)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))  # (B, N, query_dim)
+
+
+class GEGLU(nn.Module):
+    """Gated GELU: one projection yields value and gate halves."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU MLP with 4x width; the Dropout keeps the output Linear at net.2."""
+
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, dim * mult), nn.Dropout(0.0), nn.Linear(dim * mult, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention over the text context, then feed-forward."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int, context_dim: int):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.ff = FeedForward(dim)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the H*W positions of a feature map, added back to its input."""
+
+    def __init__(self, channels: int, heads: int, depth: int, context_dim: int, use_linear: bool, norm_groups: int):
+        super().__init__()
+        dim_head = channels // heads
+        inner_dim = heads * dim_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(channels, inner_dim, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, heads, dim_head, context_dim) for _ in range(depth)
+        )
+        if use_linear:
+            self.proj_out = nn.Linear(inner_dim, channels)
+        else:
+            self.proj_out = nn.Conv2d(inner_dim, channels, 1)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        _, _, height, width = x.shape
+        h = self.norm(x)
+        if not self.use_linear:
+            h = self.proj_in(h)
+        h = h.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        if self.use_linear:
+            h = self.proj_in(h)
+        for block in self.transformer_blocks:
+            h = block(h, context)
+        if self.use_linear:
+            h = self.proj_out(h)
+        h = h.transpose(1, 2).unflatten(2, (height, width))  # (B, C, H, W)
+        if not self.use_linear:
+            h = self.proj_out(h)
+        return x + h
+
+
+class TimestepEmbedSequential(nn.Sequential):
+    """A U-Net block: hands each layer the extra input it needs (timestep embedding or context)."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class SdUNet(nn.Module):
+    """The SD1.x/2.x denoiser: eps (or v) prediction from noisy latents, timesteps and text context."""
+
+    def __init__(self, config: SdUNetConfig):
+        super().__init__()
+        self.config = config
+        self.gradient_checkpointing = False
+        mc = config.model_channels
+        emb_channels = mc * 4
+        self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.input_blocks, skip_channels = self._build_input_blocks(emb_channels)
+        ch = skip_channels[-1]
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_channels, ch, config.norm_groups),
+            self._transformer(ch),
+            ResBlock(ch, emb_channels, ch, config.norm_groups),
+        )
+        self.output_blocks = self._build_output_blocks(emb_channels, skip_channels)
+        self.out = nn.Sequential(
+            nn.GroupNorm(config.norm_groups, mc),
+            nn.SiLU(),
+            nn.Conv2d(mc, config.out_channels, 3, padding=1),
+        )
+
+    def _transformer(self, channels: int) -> SpatialTransformer:
+        c = self.config
+        return SpatialTransformer(
+            channels,
+            heads=c.heads_at(channels),
+            depth=c.transformer_depth,
+            context_dim=c.context_dim,
+            use_linear=c.use_linear_in_transformer,
+            norm_groups=c.norm_groups,
+        )
+
+    def _build_input_blocks(self, emb_channels: int) -> tuple[nn.ModuleList, list[int]]:
+        """Encoder half; also returns the channel count of every skip output, in order."""
+        c = self.config
+        blocks = [TimestepEmbedSequential(nn.Conv2d(c.in_channels, c.model_channels, 3, padding=1))]
+        skip_channels = [c.model_channels]
+        ch = c.model_channels
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [ResBlock(ch, emb_channels, c.model_channels * mult, c.norm_groups)]
+                ch = c.model_channels * mult
+                if level in c.attention_levels:
+                    layers.append(self._transformer(ch))
+                blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(c.channel_mult) - 1:
+                blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+        return nn.ModuleList(blocks), skip_channels
+
+    def _build_output_blocks(self, emb_channels: int, skip_channels: list[int]) -> nn.ModuleList:
+        """Decoder half: each block consumes one skip output, deepest first."""
+        c = self.config
+        skips = list(skip_channels)
+        ch = skips[-1]
+        blocks = []
+        for level in reversed(range(len(c.channel_mult))):
+            out_ch = c.model_channels * c.channel_mult[level]
+            for i in range(c.num_res_blocks + 1):
+                layers: list[nn.Module] = [ResBlock(ch + skips.pop(), emb_channels, out_ch, c.norm_groups)]
+                ch = out_ch
+                if level in c.attention_levels:
+                    layers.append(self._transformer(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(Upsample(ch))
+                blocks.append(TimestepEmbedSequential(*layers))
+        return nn.ModuleList(blocks)
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute each input/middle/output block in backward instead of storing its activations."""
+        self.gradient_checkpointing = enabled
+
+    def _run_block(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, h, emb, context, use_reentrant=False)
+        return block(h, emb, context)
+
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+        """x (B, in_channels, H, W), timesteps (B,), context (B, L, context_dim) -> (B, out_channels, H, W).
+
+        Computes in the dtype of the weights and returns in the dtype of x.
+        """
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4*mc)
+        context = context.to(dtype)
+        h = x.to(dtype)
+        skips = []
+        for block in self.input_blocks:
+            h = self._run_block(block, h, emb, context)
+            skips.append(h)
+        h = self._run_block(self.middle_block, h, emb, context)
+        for block in self.output_blocks:
+            h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+        return self.out(h).to(x.dtype)
+
+
+def infer_unet_config(state_dict: Mapping[str, Tensor]) -> SdUNetConfig:
+    """Read an SD1/SD2 U-Net config off checkpoint tensors (keys without ``model.diffusion_model.``).
+
+    Head counts and GroupNorm groups are not stored in weights. The released families tie them to the
+    transformer projection layout: Linear proj_in (SD2) means 64 channels per head, 1x1 Conv (SD1) 8 heads;
+    both use 32 groups.
+    """
+    if "input_blocks.0.0.weight" not in state_dict:
+        raise ValueError(
+            "not an SD1/SD2 U-Net state dict: 'input_blocks.0.0.weight' is missing "
+            "(pass keys without the 'model.diffusion_model.' prefix)"
+        )
+    if any(key.startswith("label_emb.") for key in state_dict):
+        raise ValueError("this U-Net has label_emb.* weights (SDXL or an upscaler), not an SD1/SD2 U-Net")
+    conv_in = state_dict["input_blocks.0.0.weight"]
+    model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
+    num_res_blocks, num_levels = _count_blocks(state_dict)
+    level_starts = [1 + level * (num_res_blocks + 1) for level in range(num_levels)]
+    channel_mult = tuple(
+        state_dict[f"input_blocks.{start}.0.out_layers.3.weight"].shape[0] // model_channels for start in level_starts
+    )
+    attention_levels = tuple(
+        level for level, start in enumerate(level_starts) if f"input_blocks.{start}.1.proj_in.weight" in state_dict
+    )
+    mid = "middle_block.1."
+    use_linear = state_dict[mid + "proj_in.weight"].ndim == 2
+    depth = len({key.split(".")[3] for key in state_dict if key.startswith(mid + "transformer_blocks.")})
+    return SdUNetConfig(
+        in_channels=in_channels,
+        out_channels=state_dict["out.2.weight"].shape[0],
+        model_channels=model_channels,
+        channel_mult=channel_mult,
+        num_res_blocks=num_res_blocks,
+        attention_levels=attention_levels,
+        context_dim=state_dict[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
+        num_heads=8,
+        num_head_channels=64 if use_linear else None,
+        use_linear_in_transformer=use_linear,
+        transformer_depth=depth,
+    )
+
+
+def _count_blocks(state_dict: Mapping[str, Tensor]) -> tuple[int, int]:
+    """(num_res_blocks, levels) from the input-block count and the downsamplers among them."""
+    input_ids = {int(key.split(".")[1]) for key in state_dict if key.startswith("input_blocks.")}
+    num_downsamplers = sum(1 for i in input_ids if f"input_blocks.{i}.0.op.weight" in state_dict)
+    num_levels = num_downsamplers + 1
+    res_blocks = len(input_ids) - 1 - num_downsamplers
+    if res_blocks <= 0 or res_blocks % num_levels:
+        raise ValueError(
+            f"U-Net state dict has {len(input_ids)} input_blocks with {num_downsamplers} downsamplers, "
+            "which is not an SD1/SD2 block layout"
+        )
+    return res_blocks // num_levels, num_levels

@@ -1,0 +1,105 @@
+"""Typed views of the flags the training loop itself uses (run length, precision, saving, sampling).
+
+Built once from the parsed flags; the loop never reads the Namespace for these.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_SAVE_DTYPES = {None: None, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def precision_dtype(mixed_precision: str) -> torch.dtype:
+    """The dtype frozen base weights are stored in for a --mixed_precision value."""
+    return _DTYPES[mixed_precision]
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    seed: int
+    mixed_precision: str
+    full_precision_lora: bool  # --full_fp16 / --full_bf16: LoRA weights in the half dtype too
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    max_train_steps: int
+    max_train_epochs: int | None
+    debug: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
+        seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+        return cls(seed=seed, mixed_precision=args.mixed_precision, full_precision_lora=args.full_fp16 or args.full_bf16,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
+                   max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs, debug=args.debug_dataset)
+
+    def total_steps(self, steps_per_epoch: int) -> tuple[int, int]:
+        """(optimizer steps, epochs). --max_train_epochs wins over --max_train_steps, as in sd-scripts."""
+        if steps_per_epoch <= 0:
+            raise ValueError("the dataset yields no batches per epoch; add images or lower the batch size")
+        if self.max_train_epochs:
+            return self.max_train_epochs * steps_per_epoch, self.max_train_epochs
+        return self.max_train_steps, math.ceil(self.max_train_steps / steps_per_epoch)
+
+
+@dataclass(frozen=True)
+class SaveConfig:
+    output_dir: Path
+    output_name: str
+    ext: str
+    dtype: torch.dtype | None
+    no_metadata: bool
+    every_n_epochs: int | None
+    every_n_steps: int | None
+    last_n_epochs: int | None
+    last_n_steps: int | None
+    last_n_epochs_state: int | None
+    last_n_steps_state: int | None
+    save_state: bool
+    save_state_on_train_end: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SaveConfig":
+        output_dir = Path(args.output_dir or ".")
+        output_dir.mkdir(parents=True, exist_ok=True)
+        return cls(output_dir=output_dir, output_name=args.output_name or "last", ext="." + (args.save_model_as or "safetensors"),
+                   dtype=_SAVE_DTYPES[args.save_precision], no_metadata=args.no_metadata,
+                   every_n_epochs=args.save_every_n_epochs, every_n_steps=args.save_every_n_steps,
+                   last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
+                   last_n_epochs_state=args.save_last_n_epochs_state, last_n_steps_state=args.save_last_n_steps_state,
+                   save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end)
+
+    @staticmethod
+    def keep_count(last_n: int, every: int | None) -> int:
+        """sd-scripts' save_last_n_steps counts steps, not files: keep the saves made within the last `last_n` steps."""
+        if every and every > 1 and last_n >= every:
+            return max(1, last_n // every)
+        return max(1, last_n)
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    prompts_file: Path | None
+    sampler: str
+    every_n_steps: int | None
+    every_n_epochs: int | None
+    at_first: bool
+    output_dir: Path
+    output_name: str
+    seed: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "SampleConfig":
+        prompts = Path(args.sample_prompts) if args.sample_prompts else None
+        if prompts is not None and not prompts.is_file():
+            raise FileNotFoundError(f"--sample_prompts {prompts}: file not found")
+        return cls(prompts_file=prompts, sampler=args.sample_sampler, every_n_steps=args.sample_every_n_steps,
+                   every_n_epochs=args.sample_every_n_epochs, at_first=args.sample_at_first,
+                   output_dir=Path(args.output_dir or ".") / "sample", output_name=args.output_name or "last", seed=args.seed)

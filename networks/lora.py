@@ -1,0 +1,411 @@
+"""LoRA for every model family, with sd-scripts' `--network_module` contract.
+
+`create_network` / `create_network_from_weights` build one generic `LoRANetwork` over the layers a
+family's target layout names (`networks/lora_targets.py`); --network_args are parsed in
+`networks/lora_config.py`. A LoRA module adds `up(down(x)) * multiplier * alpha / rank` to a Linear or
+Conv2d by replacing that layer's `forward`, so the base model is never re-wired and the network's
+state dict holds only `{name}.lora_down.weight`, `{name}.lora_up.weight` and `{name}.alpha`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from library.saving import save_lora_file
+from networks.lora_config import LoRAConfig, NetworkArgsError, RankPlan, rank_args_in
+from networks.lora_targets import ModuleTargets, NetworkTargets, find_target_layers, resolve_targets
+
+logger = logging.getLogger(__name__)
+
+
+def lora_delta_weight(down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """The weight change a LoRA makes, shaped like its base layer's weight.
+
+    Linear: scale * up @ down. Conv (down kxk, up 1x1): the 1x1 conv after a kxk conv is one kxk conv
+    with kernel W[o, i] = sum_r up[o, r] * down[r, i], so the same product over flattened kernels.
+    """
+    out_dim, rank = up.shape[0], down.shape[0]
+    product = up.reshape(out_dim, rank) @ down.reshape(rank, -1)
+    return product.reshape(out_dim, *down.shape[1:]) * scale
+
+
+def max_norm_ratio(norm: float, max_norm: float) -> float:
+    """--scale_weight_norms: the factor that brings ||dW|| down to `max_norm` (1 when already within)."""
+    return max_norm / norm if norm > max_norm else 1.0
+
+
+class LoRAModule(nn.Module):
+    """A low-rank adapter on one Linear or Conv2d.
+
+    lora_down mirrors the base layer's input side (Linear in->r, or a kxk conv with its stride and
+    padding), lora_up maps r->out (Linear or 1x1 conv). Initialised as sd-scripts (and Microsoft's
+    LoRA): down kaiming-uniform, up zero, so a fresh network changes nothing.
+    """
+
+    def __init__(self, lora_name: str, org_module: nn.Module, multiplier: float = 1.0, lora_dim: int = 4,
+                 alpha: float | Tensor | None = 1.0, dropout: float | None = None, rank_dropout: float | None = None,
+                 module_dropout: float | None = None):
+        super().__init__()
+        self.lora_name = lora_name
+        self.lora_dim = lora_dim
+        self.lora_down, self.lora_up = _make_down_up(lora_name, org_module, lora_dim)
+        if isinstance(alpha, Tensor):
+            alpha = float(alpha.detach().float())
+        alpha = float(lora_dim) if alpha is None or alpha == 0 else float(alpha)
+        self.scale = alpha / lora_dim
+        self.register_buffer("alpha", torch.tensor(alpha, dtype=torch.float32))
+        nn.init.kaiming_uniform_(self.lora_down.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_up.weight)
+        self.multiplier = multiplier
+        self.dropout = dropout
+        self.rank_dropout = rank_dropout
+        self.module_dropout = module_dropout
+        # A plain attribute, not a child: the base layer must stay out of the network's state dict.
+        object.__setattr__(self, "org_module", org_module)
+        self.org_forward = None
+
+    @property
+    def is_applied(self) -> bool:
+        return self.org_forward is not None
+
+    def apply_to(self) -> None:
+        """Route the base layer's forward through this module (idempotent)."""
+        if self.is_applied:
+            return
+        self.org_forward = self.org_module.forward
+        self.org_module.forward = self.forward
+
+    def restore(self) -> None:
+        """Give the base layer its own forward back."""
+        if self.is_applied:
+            self.org_module.forward = self.org_forward
+            self.org_forward = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.org_forward(x)
+        if self.training and self.module_dropout and torch.rand(1) < self.module_dropout:
+            return base
+        lx = self.lora_down(x)
+        if self.training and self.dropout:
+            lx = F.dropout(lx, p=self.dropout)
+        scale = self.scale
+        if self.training and self.rank_dropout:
+            lx = lx * self._rank_mask(lx)
+            scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller: keep the expected update
+        return base + self.lora_up(lx) * (self.multiplier * scale)
+
+    def _rank_mask(self, lx: Tensor) -> Tensor:
+        """A keep-mask over (batch, rank), broadcast over tokens (Linear) or pixels (conv)."""
+        keep = torch.rand((lx.shape[0], self.lora_dim), device=lx.device) > self.rank_dropout
+        if isinstance(self.lora_down, nn.Conv2d):
+            return keep[:, :, None, None]
+        return keep.view(lx.shape[0], *([1] * (lx.dim() - 2)), self.lora_dim)
+
+    def delta_weight(self, weights: Mapping[str, Tensor] | None = None, device: torch.device | str | None = None) -> Tensor:
+        """multiplier * dW in float32, from this module's weights or a file's `lora_down.weight`,
+        `lora_up.weight` (and `alpha`; rank when absent) for this layer."""
+        if weights is None:
+            down, up, scale = self.lora_down.weight.detach(), self.lora_up.weight.detach(), self.scale
+        else:
+            down, up = weights["lora_down.weight"], weights["lora_up.weight"]
+            scale = float(weights.get("alpha", down.shape[0])) / down.shape[0]
+        delta = lora_delta_weight(down.to(device, torch.float32), up.to(device, torch.float32), scale)
+        return delta * self.multiplier
+
+    def merge_to(self, weights: Mapping[str, Tensor] | None = None, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+        """Add multiplier * dW into the base weight, summing in float32 on `device`; the runtime path is removed.
+
+        `dtype` is accepted for sd-scripts callers; the merged weight keeps its layer's dtype, so no extra
+        rounding happens (sd-scripts rounds through `dtype`, e.g. a float32 text encoder through bf16).
+        """
+        self.restore()
+        weight = self.org_module.weight
+        merged = weight.detach().to(device, torch.float32) + self.delta_weight(weights, device)
+        with torch.no_grad():
+            weight.copy_(merged)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        # Loaded weights bring their own alpha; the scale must follow it or training and file disagree.
+        self.scale = float(self.alpha.float()) / self.lora_dim
+
+
+def _make_down_up(lora_name: str, org_module: nn.Module, rank: int) -> tuple[nn.Module, nn.Module]:
+    if isinstance(org_module, nn.Conv2d):
+        if org_module.groups != 1:
+            raise ValueError(f"{lora_name}: LoRA on a grouped Conv2d (groups={org_module.groups}) is not supported")
+        down = nn.Conv2d(org_module.in_channels, rank, org_module.kernel_size, org_module.stride,
+                         org_module.padding, org_module.dilation, bias=False)
+        return down, nn.Conv2d(rank, org_module.out_channels, 1, bias=False)
+    if isinstance(org_module, nn.Linear):
+        return nn.Linear(org_module.in_features, rank, bias=False), nn.Linear(rank, org_module.out_features, bias=False)
+    raise TypeError(f"{lora_name}: LoRA wraps nn.Linear or nn.Conv2d, not {type(org_module).__name__}")
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one training run: the text encoders' and the denoiser's.
+
+    Modules are registered under their LoRA names at construction, so `state_dict()` and
+    `load_weights` work before `apply_to`; `apply_to` drops the parts that will not be trained.
+    """
+
+    def __init__(self, text_encoder: nn.Module | Sequence[nn.Module | None] | None, unet: nn.Module | None,
+                 ranks: RankPlan, multiplier: float = 1.0, dropout: float | None = None,
+                 rank_dropout: float | None = None, module_dropout: float | None = None,
+                 targets: NetworkTargets | None = None):
+        super().__init__()
+        text_encoders = _as_list(text_encoder)
+        targets = targets or resolve_targets(text_encoders, unet)
+        self.multiplier = multiplier
+        self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
+        make = dict(ranks=ranks, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
+                    module_dropout=module_dropout)
+        self.text_encoder_groups: list[list[LoRAModule]] = []
+        for i, (encoder, layout) in enumerate(zip(text_encoders, targets.text_encoders)):
+            number = "" if len(text_encoders) == 1 else str(i + 1)  # lora_te, or lora_te1, lora_te2, ...
+            prefix = layout.prefix + number if layout else ""
+            self.text_encoder_groups.append(_create_modules(encoder, layout, prefix, per_block=False, **make))
+        self.unet_loras = [] if unet is None else _create_modules(unet, targets.denoiser, targets.denoiser.prefix,
+                                                                  per_block=True, **make)
+        for lora in self._all_loras():
+            if hasattr(self, lora.lora_name):
+                raise ValueError(f"duplicated LoRA name {lora.lora_name}: two layers map to one name")
+            self.add_module(lora.lora_name, lora)
+        logger.info("LoRA: %d text-encoder modules, %d U-Net modules", len(self.text_encoder_loras), len(self.unet_loras))
+
+    @property
+    def text_encoder_loras(self) -> list[LoRAModule]:
+        return [lora for group in self.text_encoder_groups for lora in group]
+
+    def _all_loras(self) -> list[LoRAModule]:
+        return self.text_encoder_loras + self.unet_loras
+
+    def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
+        """Hook the LoRA modules into their layers; parts not applied are removed from the network."""
+        if not apply_text_encoder:
+            self._drop(self.text_encoder_loras)
+            self.text_encoder_groups = [[] for _ in self.text_encoder_groups]
+        if not apply_unet:
+            self._drop(self.unet_loras)
+            self.unet_loras = []
+        for lora in self._all_loras():
+            lora.apply_to()
+
+    def _drop(self, loras: Iterable[LoRAModule]) -> None:
+        for lora in loras:
+            lora.restore()
+            delattr(self, lora.lora_name)
+
+    def set_multiplier(self, multiplier: float) -> None:
+        self.multiplier = multiplier
+        for lora in self._all_loras():
+            lora.multiplier = multiplier
+
+    def set_loraplus_lr_ratio(self, loraplus_lr_ratio: float | None, loraplus_unet_lr_ratio: float | None,
+                              loraplus_text_encoder_lr_ratio: float | None) -> None:
+        self.loraplus_lr_ratio = loraplus_lr_ratio
+        self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
+        self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
+
+    def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
+                                 default_lr: float | None = None) -> tuple[list[dict], list[str]]:
+        """Optimizer param groups and one description per group ("textencoder", "unet", "… plus").
+
+        `text_encoder_lr` is one value, one per text encoder (a short list repeats its last value, as
+        sd-scripts' --text_encoder_lr nargs='*'), or None for `default_lr`. LoRA+ puts each part's
+        lora_up weights in a "plus" group at lr * ratio. Groups with lr 0 are left out (frozen).
+        """
+        self.requires_grad_(True)
+        groups: list[dict] = []
+        descriptions: list[str] = []
+        te_lrs = _text_encoder_lrs(text_encoder_lr, len(self.text_encoder_groups), default_lr)
+        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
+        for i, (loras, lr) in enumerate(zip(self.text_encoder_groups, te_lrs)):
+            name = "textencoder" if len(self.text_encoder_groups) == 1 else f"textencoder {i + 1}"
+            _add_param_groups(groups, descriptions, name, loras, lr, te_ratio)
+        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
+        _add_param_groups(groups, descriptions, "unet", self.unet_loras, unet_lr if unet_lr is not None else default_lr, unet_ratio)
+        return groups, descriptions
+
+    def enable_gradient_checkpointing(self) -> None:
+        """LoRA layers hold no activations worth checkpointing; the call exists for sd-scripts callers."""
+
+    def prepare_grad_etc(self, text_encoder, unet) -> None:
+        self.requires_grad_(True)
+
+    def on_epoch_start(self, text_encoder, unet) -> None:
+        self.train()
+
+    def get_trainable_params(self) -> Iterable[nn.Parameter]:
+        return self.parameters()
+
+    def is_mergeable(self) -> bool:
+        return True
+
+    def merge_to(self, text_encoder, unet, weights_sd: Mapping[str, Tensor], dtype: torch.dtype | None,
+                 device: torch.device | str | None) -> None:
+        """Add the LoRA deltas stored in `weights_sd` into the base weights (--base_weights, merging tools)."""
+        per_module: dict[str, dict[str, Tensor]] = {}
+        for key, value in weights_sd.items():
+            name, _, leaf = key.partition(".")
+            per_module.setdefault(name, {})[leaf] = value
+        consumed = 0
+        for lora in self._all_loras():
+            own = per_module.get(lora.lora_name, {})
+            if "lora_down.weight" in own:
+                lora.merge_to(own, dtype, device)
+                consumed += len(own)
+        if consumed < len(weights_sd):
+            logger.warning("merge: %d of %d LoRA tensors match no layer of this model", len(weights_sd) - consumed, len(weights_sd))
+
+    def load_weights(self, file: str) -> Any:
+        """Load a LoRA file into this network (non-strict, as sd-scripts); returns the missing/unexpected keys."""
+        info = self.load_state_dict(load_lora_state_dict(file), strict=False)
+        if info.missing_keys or info.unexpected_keys:
+            logger.warning("%s: %d keys missing, %d unexpected (first unexpected: %s)", file, len(info.missing_keys),
+                           len(info.unexpected_keys), info.unexpected_keys[:3])
+        return info
+
+    def save_weights(self, file: str, dtype: torch.dtype | None, metadata: dict[str, str] | None) -> None:
+        """Write the LoRA atomically: safetensors with metadata and sshs_* hashes, or .ckpt/.pt state dicts."""
+        save_lora_file(Path(file), self.state_dict(), metadata or None, dtype=dtype)
+
+    @torch.no_grad()
+    def apply_max_norm_regularization(self, max_norm_value: float, device: torch.device | str) -> tuple[int, float, float]:
+        """--scale_weight_norms: shrink each module whose ||dW|| exceeds the limit, splitting the factor
+        evenly between up and down. Returns (modules scaled, mean norm, max norm) after scaling."""
+        keys_scaled, norms = 0, []
+        for lora in self._all_loras():
+            down, up = lora.lora_down.weight, lora.lora_up.weight
+            norm = float(lora_delta_weight(down.to(device, torch.float32), up.to(device, torch.float32), lora.scale).norm())
+            ratio = max_norm_ratio(norm, max_norm_value)
+            if ratio != 1.0:
+                keys_scaled += 1
+                down.mul_(ratio ** 0.5)
+                up.mul_(ratio ** 0.5)
+            norms.append(norm * ratio)
+        if not norms:
+            return 0, 0.0, 0.0
+        return keys_scaled, sum(norms) / len(norms), max(norms)
+
+
+def _as_list(text_encoder: nn.Module | Sequence[nn.Module | None] | None) -> list[nn.Module | None]:
+    if text_encoder is None:
+        return []
+    return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
+
+
+def _create_modules(model: nn.Module | None, layout: ModuleTargets | None, prefix: str, ranks: RankPlan,
+                    per_block: bool, **module_args: Any) -> list[LoRAModule]:
+    if model is None or layout is None:
+        return []
+    loras = []
+    for layer in find_target_layers(model, layout, prefix, ranks.with_conv):
+        rank = ranks.rank_for(layer, per_block)
+        if rank is not None:
+            loras.append(LoRAModule(layer.lora_name, layer.module, lora_dim=rank[0], alpha=rank[1], **module_args))
+    return loras
+
+
+def _text_encoder_lrs(text_encoder_lr: float | Sequence[float] | None, count: int, default_lr: float | None) -> list[float | None]:
+    if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and not text_encoder_lr):
+        return [default_lr] * count
+    if not isinstance(text_encoder_lr, (list, tuple)):
+        return [float(text_encoder_lr)] * count
+    if len(text_encoder_lr) > count:
+        logger.warning("--text_encoder_lr has %d values for %d text encoders; the rest are ignored", len(text_encoder_lr), count)
+    values = [float(v) for v in text_encoder_lr[:count]]
+    return values + [values[-1]] * (count - len(values))
+
+
+def _add_param_groups(groups: list[dict], descriptions: list[str], name: str, loras: Sequence[LoRAModule],
+                      lr: float | None, plus_ratio: float | None) -> None:
+    base, plus = [], []
+    for lora in loras:
+        for param_name, param in lora.named_parameters():
+            (plus if plus_ratio is not None and param_name.startswith("lora_up") else base).append(param)
+    for params, description, factor in ((base, name, 1.0), (plus, f"{name} plus", plus_ratio)):
+        if not params:
+            continue
+        if lr == 0:
+            logger.info("%s: learning rate 0, its LoRA weights are not trained", description)
+            continue
+        if lr is None and factor != 1.0:
+            raise NetworkArgsError("loraplus ratios need a learning rate: set --learning_rate / --unet_lr / --text_encoder_lr")
+        groups.append({"params": params} if lr is None else {"params": params, "lr": lr * factor})
+        descriptions.append(description)
+
+
+def load_lora_state_dict(file: str | os.PathLike) -> dict[str, Tensor]:
+    """A LoRA file's tensors (.safetensors, or a torch state dict read with weights_only)."""
+    path = Path(file)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA weights file not found: {path} (check --network_weights / --base_weights)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _check_dropout(name: str, value: float | None) -> None:
+    if value is not None and not 0.0 <= value < 1.0:
+        raise NetworkArgsError(f"{name}={value}: expected a probability in [0, 1)")
+
+
+def create_network(multiplier: float, network_dim: int | None, network_alpha: float | None, vae, text_encoder, unet,
+                   neuron_dropout: float | None = None, **kwargs: Any) -> LoRANetwork:
+    """sd-scripts' entry point: a LoRA over the family's default targets, ranks from the flags."""
+    _check_dropout("--network_dropout", neuron_dropout)
+    text_encoders = _as_list(text_encoder)
+    targets = resolve_targets(text_encoders, unet)
+    config = LoRAConfig.from_network_args(kwargs)
+    config.warn_unknown()
+    block_names = targets.denoiser.block_names if targets.denoiser else ()
+    ranks = RankPlan.from_network_args(network_dim, network_alpha, kwargs, block_names)
+    return _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets)
+
+
+def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet,
+                                weights_sd: dict[str, Tensor] | None = None, for_inference: bool = False,
+                                **kwargs: Any) -> tuple[LoRANetwork, dict[str, Tensor]]:
+    """A network shaped like a LoRA file (rank and alpha per module); the weights are not loaded here.
+
+    `for_inference` is accepted for sd-scripts callers; our modules serve both uses. Rank-related
+    --network_args are overridden by the file; dropouts and LoRA+ ratios still apply.
+    """
+    if weights_sd is None:
+        weights_sd = load_lora_state_dict(file)
+    ranks = RankPlan.from_weights(weights_sd)
+    if not ranks.module_dims:
+        raise ValueError(f"{file}: no '<name>.lora_down.weight' tensors; is it a LoRA file?")
+    overridden = rank_args_in(kwargs)
+    if overridden:
+        logger.info("ranks come from %s; ignoring --network_args %s", file, ", ".join(overridden))
+    neuron_dropout = kwargs.pop("neuron_dropout", None)
+    config = LoRAConfig.from_network_args({k: v for k, v in kwargs.items() if k not in overridden})
+    config.warn_unknown()
+    text_encoders = _as_list(text_encoder)
+    network = _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, resolve_targets(text_encoders, unet))
+    missing = sorted(set(ranks.module_dims) - {lora.lora_name for lora in network._all_loras()})
+    if missing:
+        logger.warning("%s: %d LoRA modules match no layer of this model (first: %s); is it for another model family?",
+                       file, len(missing), missing[0])
+    return network, weights_sd
+
+
+def _build(text_encoders: list, unet, ranks: RankPlan, config: LoRAConfig, multiplier: float,
+           neuron_dropout: float | None, targets: NetworkTargets) -> LoRANetwork:
+    network = LoRANetwork(text_encoders, unet, ranks, multiplier, dropout=neuron_dropout, rank_dropout=config.rank_dropout,
+                          module_dropout=config.module_dropout, targets=targets)
+    network.set_loraplus_lr_ratio(config.loraplus_lr_ratio, config.loraplus_unet_lr_ratio, config.loraplus_text_encoder_lr_ratio)
+    return network

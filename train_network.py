@@ -1,0 +1,131 @@
+"""LoRA training for Stable Diffusion 1.x / 2.x checkpoints (sd-scripts' train_network.py command line).
+
+    accelerate launch train_network.py --pretrained_model_name_or_path model.safetensors \
+        --dataset_config data.toml --output_dir out --network_module networks.lora --network_dim 16 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import torch
+
+from library.args import add_training_flags, parse_args
+from library.console import setup_logging
+from library.diffusion.ddpm import DdpmSchedule
+from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
+from library.fingerprint import file_identity
+from library.models.clip_text import encode_chunked, tokenize_chunked
+from library.models.sd_loading import load_sd_models
+from library.models.tokenizers import SD1_TOKENIZER_ID, SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER, load_clip_tokenizer
+from library.sample_images import generate_ddpm_samples
+from library.trainer import Models, NetworkTrainer
+
+logger = logging.getLogger(__name__)
+
+VAE_SCALE = 0.18215
+
+
+class SdNetworkTrainer(NetworkTrainer):
+    """The SD1.x/2.x hooks: CLIP text conditioning, a 4-channel VAE and the DDPM loss."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.v2 = args.v2
+        self.v_parameterization = args.v_parameterization
+        self.clip_skip = args.clip_skip
+        self.max_token_length = args.max_token_length
+        self.loss_config = DdpmLossConfig.from_args(args)
+        self.schedule = DdpmSchedule.scaled_linear(zero_terminal_snr=args.zero_terminal_snr)
+
+    def load_models(self, args: argparse.Namespace) -> Models:
+        hub_id, subfolder = (SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER) if self.v2 else (SD1_TOKENIZER_ID, None)
+        tokenizer = load_clip_tokenizer(hub_id, args.tokenizer_cache_dir, subfolder=subfolder)
+        loaded = load_sd_models(args.pretrained_model_name_or_path, v2=self.v2, vae_path=args.vae,
+                                mmap=not getattr(args, "disable_mmap_load_safetensors", False))
+        logger.info("loaded %s U-Net (%s)", "SD2" if self.v2 else "SD1", loaded.unet_config)
+        return Models(denoiser=loaded.unet, vae=loaded.vae, text_encoders=[loaded.text_encoder], tokenizers=[tokenizer])
+
+    def cache_producers(self, args: argparse.Namespace) -> tuple[str, str]:
+        model = file_identity(args.vae or args.pretrained_model_name_or_path)
+        precision = "fp32" if args.no_half_vae or args.mixed_precision == "no" else args.mixed_precision
+        latents = f"sd-vae:{model}:{precision}"
+        text = (f"sd-clip:{file_identity(args.pretrained_model_name_or_path)}:v2={self.v2}:clip_skip={self.clip_skip}"
+                f":max_token_length={self.max_token_length}")
+        return latents, text
+
+    def encode_images(self, models: Models, images: torch.Tensor) -> torch.Tensor:
+        return models.vae.encode(images).sample() * VAE_SCALE
+
+    def encode_text(self, models: Models, captions: list[str]) -> dict[str, torch.Tensor]:
+        tokenizer, encoder = models.tokenizers[0], models.text_encoders[0]
+        ids = tokenize_chunked(tokenizer, captions, self.max_token_length).to(encoder.device)
+        hidden = encode_chunked(encoder, ids, self.clip_skip)
+        return {"hidden_states": hidden}
+
+    def compute_loss(self, models: Models, batch: dict, latents: torch.Tensor, text: dict[str, torch.Tensor],
+                     generator: torch.Generator | None) -> torch.Tensor:
+        context = text["hidden_states"].to(latents.dtype)
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return models.denoiser(noisy, timesteps, context)
+
+        return ddpm_loss(denoise, latents, config=self.loss_config, schedule=self.schedule,
+                         loss_weights=batch["loss_weights"], alpha_masks=batch["alpha_masks"], generator=generator)
+
+    def sample_images(self, models, sample, *, step, epoch, device):
+        return generate_ddpm_samples(
+            sample, step=step, epoch=epoch, device=device, v_parameterization=self.v_parameterization,
+            schedule=self.schedule, latent_channels=4, vae_scale=VAE_SCALE,
+            encode_prompt=lambda prompts: self.encode_text(models, prompts)["hidden_states"],
+            denoise=lambda x, t, cond: models.denoiser(x, t, cond),
+            decode=lambda z: models.vae.decode(z.to(models.vae.dtype)))
+
+    def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
+        from library.metadata import modelspec_metadata
+
+        if self.v2:
+            version = "sd_v2"
+            architecture = "stable-diffusion-v2-768-v" if self.v_parameterization else "stable-diffusion-v2-512"
+        else:
+            version, architecture = "sd_v1", "stable-diffusion-v1"
+        resolution = args.resolution or ("768" if self.v_parameterization else "512")
+        meta = {"ss_base_model_version": version, "ss_v2": str(bool(self.v2)),
+                "ss_v_parameterization": str(bool(self.v_parameterization)), "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
+        meta.update(modelspec_metadata(
+            architecture=f"{architecture}/lora", implementation="diffusers", title=args.metadata_title or args.output_name or "last",
+            resolution=_resolution_text(resolution), prediction_type="v" if self.v_parameterization else "epsilon",
+            timestamp=meta_time(), author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
+            tags=args.metadata_tags, usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail,
+            merged_from=args.metadata_merged_from, trigger_phrase=args.metadata_trigger_phrase,
+            preprocessor=args.metadata_preprocessor, is_negative_embedding=args.metadata_is_negative_embedding))
+        return meta
+
+
+def _resolution_text(resolution: str) -> str:
+    parts = [p.strip() for p in str(resolution).split(",")]
+    width = parts[0]
+    height = parts[1] if len(parts) > 1 else parts[0]
+    return f"{width}x{height}"
+
+
+def meta_time() -> float:
+    import time
+
+    return time.time()
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train a LoRA for Stable Diffusion 1.x / 2.x.")
+    add_training_flags(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(setup_parser(), argv)
+    setup_logging(args)
+    SdNetworkTrainer(args).train(args)
+
+
+if __name__ == "__main__":
+    main()
