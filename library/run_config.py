@@ -66,22 +66,18 @@ class SaveConfig:
     save_state_on_train_end: bool
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "SaveConfig":
+    def from_args(cls, args: argparse.Namespace, max_epochs: int) -> "SaveConfig":
         output_dir = Path(args.output_dir or ".")
+        every_n_epochs = args.save_every_n_epochs
+        if args.save_n_epoch_ratio:  # save about that many times over the run, as sd-scripts
+            every_n_epochs = max(1, math.floor(max_epochs / args.save_n_epoch_ratio))
         output_dir.mkdir(parents=True, exist_ok=True)
         return cls(output_dir=output_dir, output_name=args.output_name or "last", ext="." + (args.save_model_as or "safetensors"),
                    dtype=_SAVE_DTYPES[args.save_precision], no_metadata=args.no_metadata,
-                   every_n_epochs=args.save_every_n_epochs, every_n_steps=args.save_every_n_steps,
+                   every_n_epochs=every_n_epochs, every_n_steps=args.save_every_n_steps,
                    last_n_epochs=args.save_last_n_epochs, last_n_steps=args.save_last_n_steps,
                    last_n_epochs_state=args.save_last_n_epochs_state, last_n_steps_state=args.save_last_n_steps_state,
                    save_state=args.save_state, save_state_on_train_end=args.save_state_on_train_end)
-
-    @staticmethod
-    def keep_count(last_n: int, every: int | None) -> int:
-        """sd-scripts' save_last_n_steps counts steps, not files: keep the saves made within the last `last_n` steps."""
-        if every and every > 1 and last_n >= every:
-            return max(1, last_n // every)
-        return max(1, last_n)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,14 @@ from tqdm import tqdm
 
 from library.dataset.cache import latent_cache_conflicts, text_cache_conflicts
 from library.dataset.config import DatasetOptions, load_dataset_configs
-from library.dataset.dataset import TrainDataset
+from library.dataset.dataset import TrainDataset, split_validation
 from library.lr_schedulers import SchedulerConfig, build_lr_scheduler
 from library.optim import OptimizerConfig, build_optimizer, set_train_mode
 from library.run_config import RunConfig, SaveConfig, SampleConfig, precision_dtype
-from library.saving import epoch_file_name, rotate, step_file_name
+from library.metadata import minimum_metadata
+from library.saving import (epoch_file_name, epoch_pattern, epoch_state_name, last_state_name, rotate, step_file_name,
+                            step_pattern, step_state_name, steps_keep_count)
 from library.train_state import TrainState, resolve_resume_folder, save_state_folder
-from library.validation import split_validation
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +83,12 @@ class NetworkTrainer:
     # ------------------------------------------------------------------ the loop
     def train(self, args: argparse.Namespace) -> Path | None:
         run = RunConfig.from_args(args)
+        log_flag_notes(args)
         accelerator = self._make_accelerator(args, run)
         set_seed(run.seed, accelerator.process_index)
 
         dataset_options = DatasetOptions.from_args(args)
-        train_set, val_set = split_validation(load_dataset_configs(dataset_options), dataset_options)
+        train_set, val_set = split_validation(load_dataset_configs(dataset_options), dataset_options, seed=run.seed)
         self._check_cache_conflicts(args, train_set)
         self._report_dataset(train_set, run)
 
@@ -129,7 +131,10 @@ class NetworkTrainer:
                                        num_processes=accelerator.num_processes)
         network, optimizer, loader, scheduler = accelerator.prepare(network, optimizer, loader, scheduler)
 
-        state = TrainState()
+        state = initial_state(args, steps_per_epoch)
+        skip_data = args.skip_until_initial_step or bool(args.resume)
+        for _ in range(state.global_step):
+            scheduler.step()  # the schedule continues where --initial_step says the run stands
         if args.resume:
             folder = resolve_resume_folder(args.resume)
             accelerator.load_state(str(folder))
@@ -137,14 +142,14 @@ class NetworkTrainer:
             logger.info("resumed from %s at epoch %d, step %d", folder, state.epoch, state.global_step)
 
         metadata = self._metadata(args, models, train_set, optimizer_name, max_steps, run)
-        save = SaveConfig.from_args(args)
+        save = SaveConfig.from_args(args, max_epochs)
         sample = SampleConfig.from_args(args)
         self._init_trackers(accelerator, args)
         logger.info("steps per epoch %d, epochs %d, total optimizer steps %d, optimizer %s", steps_per_epoch, max_epochs,
                     max_steps, optimizer_name)
 
         context = _LoopContext(accelerator, models, network, optimizer, scheduler, loader, train_set, val_set, save, sample,
-                               metadata, lr_names, run, max_steps, max_epochs, steps_per_epoch, train_text_encoder, args)
+                               metadata, lr_names, run, max_steps, max_epochs, steps_per_epoch, train_text_encoder, skip_data, args)
         if sample.at_first and state.global_step == 0:
             self._sample(context, state, epoch=None)
         self._loop(context, state)
@@ -159,7 +164,7 @@ class NetworkTrainer:
         for epoch in range(state.epoch, ctx.max_epochs):
             ctx.train_set.set_epoch(epoch)
             loader = ctx.loader
-            done_in_epoch = state.global_step - epoch * ctx.steps_per_epoch
+            done_in_epoch = state.global_step - epoch * ctx.steps_per_epoch if ctx.skip_data else 0
             if done_in_epoch > 0:
                 loader = accelerator.skip_first_batches(loader, done_in_epoch * run.gradient_accumulation_steps)
             accelerator.unwrap_model(ctx.network).on_epoch_start(ctx.models.text_encoders, ctx.models.denoiser)
@@ -260,10 +265,10 @@ class NetworkTrainer:
     # ------------------------------------------------------------------ saving
     def _save_lora(self, ctx: "_LoopContext", file_name: str, state: TrainState) -> Path:
         path = ctx.save.output_dir / file_name
-        metadata = None
-        if not ctx.save.no_metadata:
-            metadata = dict(ctx.metadata, ss_epoch=str(state.epoch), ss_steps=str(state.global_step),
-                            ss_training_finished_at=str(time.time()))
+        metadata = dict(ctx.metadata, ss_epoch=str(state.epoch), ss_steps=str(state.global_step),
+                        ss_training_finished_at=str(time.time()))
+        if ctx.save.no_metadata:
+            metadata = minimum_metadata(metadata)
         ctx.accelerator.unwrap_model(ctx.network).save_weights(str(path), ctx.save.dtype, metadata)
         logger.info("saved %s", path)
         return path
@@ -272,33 +277,33 @@ class NetworkTrainer:
         save_state_folder(ctx.save.output_dir / folder_name, state, ctx.accelerator.save_state)
 
     def _maybe_save_step(self, ctx: "_LoopContext", state: TrainState) -> None:
-        save, step = ctx.save, state.global_step
+        save, step, main = ctx.save, state.global_step, ctx.accelerator.is_main_process
         if not save.every_n_steps or step % save.every_n_steps != 0 or step >= ctx.max_steps:
             return
         ctx.accelerator.wait_for_everyone()
-        if ctx.accelerator.is_main_process:
+        if main:
             self._save_lora(ctx, step_file_name(save.output_name, step, save.ext), state)
             if save.last_n_steps:
-                rotate(save.output_dir, f"{save.output_name}-step*{save.ext}", save.keep_count(save.last_n_steps, save.every_n_steps))
+                rotate(save.output_dir, step_pattern(save.output_name, save.ext), steps_keep_count(save.last_n_steps, save.every_n_steps))
         if save.save_state:
-            self._save_state(ctx, step_file_name(save.output_name, step, "") + "-state", state)
-            if save.last_n_steps_state and ctx.accelerator.is_main_process:
-                rotate(save.output_dir, f"{save.output_name}-step*-state",
-                       save.keep_count(save.last_n_steps_state, save.every_n_steps))
+            self._save_state(ctx, step_state_name(save.output_name, step), state)
+            if save.last_n_steps_state and main:
+                rotate(save.output_dir, step_pattern(save.output_name, "-state"),
+                       steps_keep_count(save.last_n_steps_state, save.every_n_steps))
 
     def _maybe_save_epoch(self, ctx: "_LoopContext", state: TrainState) -> None:
-        save, epoch = ctx.save, state.epoch
+        save, epoch, main = ctx.save, state.epoch, ctx.accelerator.is_main_process
         if not save.every_n_epochs or epoch % save.every_n_epochs != 0 or epoch >= ctx.max_epochs:
             return
         ctx.accelerator.wait_for_everyone()
-        if ctx.accelerator.is_main_process:
+        if main:
             self._save_lora(ctx, epoch_file_name(save.output_name, epoch, save.ext), state)
             if save.last_n_epochs:
-                rotate(save.output_dir, f"{save.output_name}-??????{save.ext}", save.keep_count(save.last_n_epochs, 1))
+                rotate(save.output_dir, epoch_pattern(save.output_name, save.ext), save.last_n_epochs)
         if save.save_state:
-            self._save_state(ctx, epoch_file_name(save.output_name, epoch, "") + "-state", state)
-            if save.last_n_epochs_state and ctx.accelerator.is_main_process:
-                rotate(save.output_dir, f"{save.output_name}-??????-state", save.keep_count(save.last_n_epochs_state, 1))
+            self._save_state(ctx, epoch_state_name(save.output_name, epoch), state)
+            if save.last_n_epochs_state and main:
+                rotate(save.output_dir, epoch_pattern(save.output_name, "-state"), save.last_n_epochs_state)
 
     def _finish(self, ctx: "_LoopContext", state: TrainState) -> Path | None:
         ctx.accelerator.wait_for_everyone()
@@ -306,7 +311,7 @@ class NetworkTrainer:
         if ctx.accelerator.is_main_process:
             path = self._save_lora(ctx, ctx.save.output_name + ctx.save.ext, state)
         if ctx.save.save_state or ctx.save.save_state_on_train_end:
-            self._save_state(ctx, ctx.save.output_name + "-state", state)
+            self._save_state(ctx, last_state_name(ctx.save.output_name), state)
         ctx.accelerator.end_training()
         return path
 
@@ -329,7 +334,10 @@ class NetworkTrainer:
 
             wandb.login(key=args.wandb_api_key)
         trackers = ["tensorboard", "wandb"] if log_with == "all" else log_with
-        project = ProjectConfiguration(project_dir=args.logging_dir or args.output_dir, logging_dir=args.logging_dir)
+        logging_dir = None
+        if args.logging_dir:
+            logging_dir = str(Path(args.logging_dir) / ((args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")))
+        project = ProjectConfiguration(project_dir=logging_dir or args.output_dir, logging_dir=logging_dir)
         kwargs_handlers = []
         if args.ddp_timeout or args.ddp_gradient_as_bucket_view or args.ddp_static_graph:
             from datetime import timedelta
@@ -482,7 +490,27 @@ class _LoopContext:
     max_epochs: int
     steps_per_epoch: int
     train_text_encoder: bool
+    skip_data: bool  # resuming (or --skip_until_initial_step): skip the batches already trained on in this epoch
     args: argparse.Namespace
+
+
+def initial_state(args: argparse.Namespace, steps_per_epoch: int) -> TrainState:
+    """Where a fresh run starts: --initial_step (0-based) or --initial_epoch (1-based), as in sd-scripts."""
+    if args.initial_step is not None:
+        step = args.initial_step
+    elif args.initial_epoch is not None:
+        step = (args.initial_epoch - 1) * steps_per_epoch
+    else:
+        return TrainState()
+    return TrainState(epoch=step // steps_per_epoch, global_step=step)
+
+
+def log_flag_notes(args: argparse.Namespace) -> None:
+    """Flags that select something we always do, said once so nobody thinks they were ignored."""
+    if args.xformers or args.mem_eff_attn or args.sdpa:
+        logger.info("attention: PyTorch scaled_dot_product_attention (it picks flash / memory-efficient kernels itself)")
+    if args.lowram:
+        logger.info("--lowram: safetensors checkpoints are memory-mapped, so models never sit in RAM twice")
 
 
 def parse_network_args(items: list[str]) -> dict[str, str]:
