@@ -330,11 +330,11 @@ def test_a_plain_parser_with_add_training_flags_gets_the_same_checks(tmp_path, c
 
 
 def test_a_family_adds_its_flags_as_one_more_group_set(capsys):
-    sdxl = (FlagGroup("sdxl", "SDXL", "SDXL-only flags.", (switch("cache_text_encoder_outputs", "cache them"),)),
+    sdxl = (FlagGroup("sdxl", "SDXL", "SDXL-only flags.", (switch("disable_mmap_load_safetensors", "read whole"),)),
             FlagGroup("caching", "caching", "", (switch("cache_latents", "encode all images with the VAE before "
                                                         "training and keep the latents in RAM"),)))
     parser = setup_parser_for(TRAINING_FLAGS, sdxl, prog="sdxl_train_network.py")
-    assert parse_args(parser, ["--cache_text_encoder_outputs"]).cache_text_encoder_outputs is True
+    assert parse_args(parser, ["--disable_mmap_load_safetensors"]).disable_mmap_load_safetensors is True
     caching = next(g for g in parser.flag_groups if g.key == "caching")
     assert [f.name for f in caching.flags].count("cache_latents") == 1
 

@@ -53,7 +53,7 @@ def train_command(paths: dict[str, Path], steps: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work_dir", default=str(ROOT / "demo_work"))
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=200)
     options = parser.parse_args()
     started = time.time()
     paths = prepare(Path(options.work_dir))

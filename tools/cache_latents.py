@@ -1,0 +1,22 @@
+"""Encode every dataset image with the VAE and store the latents next to the images.
+
+Takes train_network.py's flags (dataset, model, --mixed_precision, --no_half_vae, --vae_batch_size, --seed);
+a training run with the same flags and --cache_latents_to_disk then reuses the files.
+"""
+
+from __future__ import annotations
+
+from library.args import parse_args
+from library.cache_prefill import prefill
+from library.console import setup_logging
+from train_network import SdNetworkTrainer, setup_parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(setup_parser(), argv)
+    setup_logging(args)
+    prefill(SdNetworkTrainer(args), args, latents=True, text=False)
+
+
+if __name__ == "__main__":
+    main()
