@@ -11,16 +11,16 @@ import logging
 
 import torch
 
-from library.args import add_training_flags, parse_args
-from library.console import setup_logging
+from library.args import TRAINING_FLAGS, parse_args, setup_parser_for
+from library.console import exit_on_user_error, setup_logging
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
 from library.models.clip_text import encode_chunked, tokenize_chunked
-from library.models.sd_loading import load_sd_models
-from library.models.tokenizers import SD1_TOKENIZER_ID, SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER, load_clip_tokenizer
+from library.models.sd_loading import check_sd_checkpoint, load_sd_models
+from library.models.tokenizers import SD1_TOKENIZER_ID, SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER, TokenizerUnavailable, load_clip_tokenizer
 from library.sample_images import generate_ddpm_samples
-from library.trainer import Models, NetworkTrainer
+from library.trainer import Models, NetworkTrainer, TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +37,9 @@ class SdNetworkTrainer(NetworkTrainer):
         self.max_token_length = args.max_token_length
         self.loss_config = DdpmLossConfig.from_args(args)
         self.schedule = DdpmSchedule.scaled_linear(zero_terminal_snr=args.zero_terminal_snr)
+
+    def check_model_files(self, args: argparse.Namespace) -> None:
+        check_sd_checkpoint(args.pretrained_model_name_or_path or "", v2=self.v2)
 
     def load_models(self, args: argparse.Namespace) -> Models:
         hub_id, subfolder = (SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER) if self.v2 else (SD1_TOKENIZER_ID, None)
@@ -116,15 +119,16 @@ def meta_time() -> float:
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Train a LoRA for Stable Diffusion 1.x / 2.x.")
-    add_training_flags(parser)
-    return parser
+    return setup_parser_for(TRAINING_FLAGS, prog="train_network.py", description="Train a LoRA for Stable Diffusion 1.x / 2.x.")
+
+
+USER_ERRORS = (ValueError, OSError, TokenizerUnavailable, TrainingDiverged)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(setup_parser(), argv)
     setup_logging(args)
-    SdNetworkTrainer(args).train(args)
+    exit_on_user_error(lambda: SdNetworkTrainer(args).train(args), USER_ERRORS)
 
 
 if __name__ == "__main__":

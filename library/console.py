@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
+from typing import Callable, TypeVar
+
+T = TypeVar("T")
 
 
 def setup_logging(args: argparse.Namespace) -> None:
@@ -14,3 +18,16 @@ def setup_logging(args: argparse.Namespace) -> None:
     if args.console_log_file:
         handlers = [logging.FileHandler(args.console_log_file, encoding="utf-8")]
     logging.basicConfig(level=level, format=fmt, handlers=handlers, force=True)
+
+
+def exit_on_user_error(run: Callable[[], T], errors: tuple[type[BaseException], ...]) -> T:
+    """Run the script; an expected problem (bad file, flag, dataset, diverged loss) ends it with one line.
+
+    The traceback is still logged at DEBUG level (--console_log_level DEBUG) for bug reports.
+    """
+    try:
+        return run()
+    except errors as error:
+        logging.getLogger(__name__).debug("traceback", exc_info=True)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

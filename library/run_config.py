@@ -31,14 +31,13 @@ class RunConfig:
     max_grad_norm: float
     max_train_steps: int
     max_train_epochs: int | None
-    debug: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "RunConfig":
         seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
         return cls(seed=seed, mixed_precision=args.mixed_precision, full_precision_lora=args.full_fp16 or args.full_bf16,
                    gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-                   max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs, debug=args.debug_dataset)
+                   max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs)
 
     def total_steps(self, steps_per_epoch: int) -> tuple[int, int]:
         """(optimizer steps, epochs). --max_train_epochs wins over --max_train_steps, as in sd-scripts."""
@@ -96,6 +95,8 @@ class SampleConfig:
         prompts = Path(args.sample_prompts) if args.sample_prompts else None
         if prompts is not None and not prompts.is_file():
             raise FileNotFoundError(f"--sample_prompts {prompts}: file not found")
-        return cls(prompts_file=prompts, sampler=args.sample_sampler, every_n_steps=args.sample_every_n_steps,
+        # sd-scripts: --sample_every_n_epochs, when given, replaces --sample_every_n_steps.
+        every_n_steps = None if args.sample_every_n_epochs else args.sample_every_n_steps
+        return cls(prompts_file=prompts, sampler=args.sample_sampler, every_n_steps=every_n_steps,
                    every_n_epochs=args.sample_every_n_epochs, at_first=args.sample_at_first,
                    output_dir=Path(args.output_dir or ".") / "sample", output_name=args.output_name or "last", seed=args.seed)

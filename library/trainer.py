@@ -52,6 +52,10 @@ class Models:
 
 class NetworkTrainer:
     # ------------------------------------------------------------------ family hooks
+    def check_model_files(self, args: argparse.Namespace) -> None:
+        """Cheap checks of the model files (exist, right family) before the dataset is scanned."""
+        raise NotImplementedError
+
     def load_models(self, args: argparse.Namespace) -> Models:
         raise NotImplementedError
 
@@ -84,6 +88,8 @@ class NetworkTrainer:
     def train(self, args: argparse.Namespace) -> Path | None:
         run = RunConfig.from_args(args)
         log_flag_notes(args)
+        check_input_files(args)
+        self.check_model_files(args)
         accelerator = self._make_accelerator(args, run)
         set_seed(run.seed, accelerator.process_index)
 
@@ -91,6 +97,9 @@ class NetworkTrainer:
         train_set, val_set = split_validation(load_dataset_configs(dataset_options), dataset_options, seed=run.seed)
         self._check_cache_conflicts(args, train_set)
         self._report_dataset(train_set, run)
+        if args.debug_dataset:
+            show_dataset(train_set)
+            return None
 
         models = self.load_models(args)
         weight_dtype, vae_dtype = precision_dtype(run.mixed_precision), torch.float32 if args.no_half_vae else precision_dtype(run.mixed_precision)
@@ -123,7 +132,7 @@ class NetworkTrainer:
         params, lr_names = network.prepare_optimizer_params(text_lr, args.unet_lr, args.learning_rate)
         optimizer_name, optimizer = build_optimizer(OptimizerConfig.from_args(args), params)
         loader = torch.utils.data.DataLoader(train_set, batch_size=1, shuffle=False, collate_fn=_first,
-                                             num_workers=min(args.max_data_loader_n_workers, 0 if run.debug else args.max_data_loader_n_workers),
+                                             num_workers=args.max_data_loader_n_workers,
                                              persistent_workers=args.persistent_data_loader_workers and args.max_data_loader_n_workers > 0)
         steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / run.gradient_accumulation_steps)
         max_steps, max_epochs = run.total_steps(steps_per_epoch)
@@ -162,7 +171,7 @@ class NetworkTrainer:
         recent: list[float] = []
         set_train_mode(ctx.optimizer, True)
         for epoch in range(state.epoch, ctx.max_epochs):
-            ctx.train_set.set_epoch(epoch)
+            ctx.train_set.select_epoch(epoch)
             loader = ctx.loader
             done_in_epoch = state.global_step - epoch * ctx.steps_per_epoch if ctx.skip_data else 0
             if done_in_epoch > 0:
@@ -209,6 +218,10 @@ class NetworkTrainer:
     def _step_loss(self, ctx: "_LoopContext", batch: dict, step: int, validation: bool = False) -> torch.Tensor:
         models, device = ctx.models, ctx.accelerator.device
         weight_dtype = precision_dtype(ctx.run.mixed_precision)
+        generator = seed_step(ctx.run.seed, step, ctx.accelerator.process_index, device, validation)
+        multipliers = batch["network_multipliers"]
+        if multipliers is not None:
+            ctx.accelerator.unwrap_model(ctx.network).set_multiplier(float(multipliers[0]))
         with torch.no_grad():
             if batch["latents"] is not None:
                 latents = batch["latents"].to(device, dtype=weight_dtype)
@@ -219,7 +232,6 @@ class NetworkTrainer:
         else:
             with torch.set_grad_enabled(ctx.train_text_encoder and not validation):
                 text = self.encode_text(models, batch["captions"])
-        generator = seed_step(ctx.run.seed, step, ctx.accelerator.process_index, device, validation)
         with ctx.accelerator.autocast():
             per_sample = self.compute_loss(models, _on_device(batch, device), latents, text, generator)
         return per_sample.mean()
@@ -251,7 +263,7 @@ class NetworkTrainer:
         ctx.models.denoiser.eval()
         set_train_mode(ctx.optimizer, False)
         losses = []
-        ctx.val_set.set_epoch(0)
+        ctx.val_set.select_epoch(0)
         limit = ctx.args.max_validation_steps or len(ctx.val_set)
         with torch.no_grad():
             for index in range(min(limit, len(ctx.val_set))):
@@ -503,6 +515,30 @@ def initial_state(args: argparse.Namespace, steps_per_epoch: int) -> TrainState:
     else:
         return TrainState()
     return TrainState(epoch=step // steps_per_epoch, global_step=step)
+
+
+def show_dataset(dataset: TrainDataset, epoch: int = 0) -> None:
+    """--debug_dataset: print every batch of one epoch (bucket, images, processed captions) instead of training."""
+    dataset.select_epoch(epoch)
+    for index in range(len(dataset)):
+        batch = dataset[index]
+        pixels = batch["latents"] if batch["latents"] is not None else batch["images"]
+        print(f"batch {index}: {tuple(pixels.shape)}  loss weights {batch['loss_weights'].tolist()}")
+        for key, caption in zip(batch["keys"], batch["captions"]):
+            print(f"  {key}: {caption}")
+
+
+def check_input_files(args: argparse.Namespace) -> None:
+    """Every file or folder a flag names must exist, checked before anything slow happens."""
+    named = {"--vae": args.vae, "--network_weights": args.network_weights, "--resume": args.resume,
+             "--sample_prompts": args.sample_prompts, "--dataset_config": args.dataset_config,
+             "--train_data_dir": args.train_data_dir, "--reg_data_dir": args.reg_data_dir, "--in_json": args.in_json}
+    named.update({f"--base_weights {path}": path for path in args.base_weights or []})
+    for flag, path in named.items():
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{flag.split()[0]} {path}: not found")
+    if args.base_weights_multiplier and len(args.base_weights_multiplier) != len(args.base_weights or []):
+        raise ValueError("--base_weights_multiplier needs one value per --base_weights file")
 
 
 def log_flag_notes(args: argparse.Namespace) -> None:

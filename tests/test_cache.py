@@ -145,7 +145,7 @@ def test_flip_aug_caches_flipped_latents_and_toggling_recomputes(images):
         torch.testing.assert_close(handle.get_tensor("latents_flipped"), _expected_latents(images[0], flip=True))
     seen = set()
     for epoch in range(10):
-        flipping.set_epoch(epoch)
+        flipping.select_epoch(epoch)
         batch = flipping[0]
         path = Path(batch["keys"][0])
         latents = batch["latents"][0]
@@ -202,7 +202,7 @@ def test_alpha_mask_is_cached_with_the_latents(tmp_path):
     transparent_left[:, :16] = 0
     seen = set()
     for epoch in range(10):
-        reused.set_epoch(epoch)
+        reused.select_epoch(epoch)
         masks = reused[0]["alpha_masks"]
         assert masks.shape == (1, 1, 64, 64)
         flipped = torch.equal(masks[0, 0], torch.flip(transparent_left, dims=[1]))

@@ -37,7 +37,7 @@ def _dataset(*configs: DatasetConfig, seed: int = 0, prior_loss_weight: float = 
 
 
 def _epoch_keys(dataset: TrainDataset, epoch: int) -> list[list[str]]:
-    dataset.set_epoch(epoch)
+    dataset.select_epoch(epoch)
     return [dataset.batch_keys(index) for index in range(len(dataset))]
 
 
@@ -188,7 +188,7 @@ def test_epoch_reaches_dataloader_workers(tmp_path):
     dataset = _dataset(_config(_subset(tmp_path / "images"), batch_size=2), seed=3)
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=_first, num_workers=1, persistent_workers=True)
     for epoch in (0, 1):
-        dataset.set_epoch(epoch)
+        dataset.select_epoch(epoch)
         got = [batch["keys"] for batch in loader]
         assert got == [dataset.batch_keys(index) for index in range(len(dataset))]
     assert _epoch_keys(dataset, 0) != _epoch_keys(dataset, 1)
@@ -217,7 +217,7 @@ def test_flip_mirrors_image_and_crop(tmp_path):
     dataset = _dataset(_config(_subset(tmp_path / "wide", flip_aug=True), **_BUCKETS), seed=1)
     outcomes = set()
     for epoch in range(12):
-        dataset.set_epoch(epoch)
+        dataset.select_epoch(epoch)
         batch = dataset[0]
         if batch["crop_top_lefts"].tolist() == [[0, 9]]:
             torch.testing.assert_close(batch["images"], torch.flip(plain["images"], dims=[3]))

@@ -6,7 +6,7 @@ padding); load it with ``DataLoader(dataset, batch_size=1, collate_fn=lambda b: 
 Everything random (batch order, flips, crops, colour jitter, caption shuffling) is drawn from generators
 seeded by ``(seed, epoch, batch index, slot)``, never from global state: a resumed run or a DataLoader
 worker sees exactly the batches an uninterrupted single-process run sees. The epoch and step live in a
-small shared-memory tensor, so ``set_epoch`` / ``set_current_step`` reach worker processes too.
+small shared-memory tensor, so ``select_epoch`` / ``set_current_step`` reach worker processes too.
 
 sd-scripts facts kept here: caption files are ``<image stem><caption_extension>`` with ``class_tokens`` as
 the fallback; regularisation images are repeated (or cut) until they match the training images with
@@ -276,7 +276,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.num_reg_images = 0
         self._tag_frequency: list[tuple[str, dict[str, int]]] = []
         self._subset_counts: list[tuple[SubsetConfig, int]] = []
-        # epoch and step in shared memory, so DataLoader workers (even persistent ones) follow set_epoch.
+        # epoch and step in shared memory, so DataLoader workers (even persistent ones) follow select_epoch.
         self._state = torch.zeros(2, dtype=torch.long).share_memory_()
         self._layout: tuple[int, list[tuple[int, ...]]] | None = None
         for index, config in enumerate(self.configs):
@@ -412,8 +412,11 @@ class TrainDataset(torch.utils.data.Dataset):
         self._rebuild_buckets()
 
     # ------------------------------------------------------------------ epochs and batches
-    def set_epoch(self, epoch: int) -> None:
-        """Select the batch order and augmentation draws of ``epoch`` (counted from 0, as the trainer's loop does)."""
+    def select_epoch(self, epoch: int) -> None:
+        """Not named set_epoch on purpose: accelerate's prepared DataLoader calls dataset.set_epoch with its own
+        iteration counter, which restarts at 0 on resume and would replay epoch 0's order.
+
+        Select the batch order and augmentation draws of ``epoch`` (counted from 0, as the trainer's loop does)."""
         self._state[0] = epoch
 
     def set_current_step(self, step: int) -> None:

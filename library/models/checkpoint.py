@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
 from torch import Tensor
@@ -29,6 +29,21 @@ _FAMILY_MARKERS: tuple[tuple[str, str], ...] = (
     ("sd2", "cond_stage_model.model."),
     ("sd1", "cond_stage_model.transformer."),
 )
+
+
+def checkpoint_keys(path: str | Path) -> list[str] | None:
+    """The tensor names of a .safetensors file, read from its header only (cheap, for early checks).
+
+    None for other formats, whose keys cannot be listed without loading the whole file.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return list(handle.keys())
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(error)})") from None
 
 
 def load_state_dict(path: str | Path, device: str | torch.device = "cpu", mmap: bool = True) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ from accelerate import init_empty_weights
 from torch import Tensor, nn
 from transformers import CLIPTextModel
 
-from library.models.checkpoint import CheckpointError, detect_family, load_state_dict, strip_prefix
+from library.models.checkpoint import CheckpointError, checkpoint_keys, detect_family, load_state_dict, strip_prefix
 from library.models.sd_unet import SdUNet, SdUNetConfig, infer_unet_config
 from library.models.sd_unet_keys import unet_state_dict_from_diffusers
 from library.models.text_encoders import (
@@ -106,6 +106,17 @@ def load_sd_models(
         unet_config=weights.unet_config,
         v2=v2,
     )
+
+
+def check_sd_checkpoint(path: str | Path, *, v2: bool) -> None:
+    """Fail early, before the dataset is scanned or any weights are read, on a missing file or a checkpoint
+    of another family (reads only a safetensors header)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"model not found: {path} (--pretrained_model_name_or_path takes a local file or folder)")
+    keys = None if path.is_dir() else checkpoint_keys(path)
+    if keys is not None:
+        _check_family(detect_family(keys, source=str(path)), v2, path)
 
 
 def _check_family(family: str, v2: bool, source: Path) -> None:

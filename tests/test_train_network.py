@@ -1,0 +1,159 @@
+"""train_network.py end to end on the tiny SD1/SD2 fixtures: the real command line, the files it writes,
+cache reuse and invalidation, exact resume, and what stops a run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from train_helpers import base_argv, lora_metadata, lora_tensors, make_dataset, scalars
+
+import train_network
+from library.trainer import TrainingDiverged
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(*argv: str) -> None:
+    train_network.main(list(argv))
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return make_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def argv(tiny_sd1_checkpoint, tokenizer_cache_dir, dataset, tmp_path):
+    def build(*extra: str, output: Path | None = None) -> list[str]:
+        return base_argv(tiny_sd1_checkpoint, tokenizer_cache_dir, dataset, output or tmp_path / "out", *extra)
+
+    return build
+
+
+@pytest.mark.slow
+def test_cli_memorises_the_images_with_caches_on_disk(tiny_sd1_checkpoint, tokenizer_cache_dir, dataset, tmp_path):
+    """The real command line in a fresh process: loss falls on four images, the file has the right keys and metadata."""
+    out, logs = tmp_path / "out", tmp_path / "logs"
+    command = [sys.executable, str(REPO / "train_network.py"),
+               *base_argv(tiny_sd1_checkpoint, tokenizer_cache_dir, dataset, out, "--max_train_steps=120",
+                          "--learning_rate=3e-3", "--network_dim=8", "--network_alpha=8", "--cache_latents_to_disk",
+                          "--cache_text_encoder_outputs_to_disk", f"--logging_dir={logs}", "--save_model_as=safetensors")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # two test workers share two cores
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    losses = scalars(logs, "loss/current")
+    assert len(losses) == 120
+    first, last = sum(losses[:20]) / 20, sum(losses[-20:]) / 20
+    assert last < 0.8 * first, (first, last)
+
+    lora = out / "lora.safetensors"
+    tensors = lora_tensors(lora)
+    # Cached text-encoder outputs leave only the U-Net LoRA to train, named with diffusers module paths.
+    assert tensors and all(key.startswith("lora_unet_") for key in tensors)
+    assert "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight" in tensors
+    assert tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"].shape[0] == 8
+    meta = lora_metadata(lora)
+    assert meta["ss_network_dim"] == "8" and meta["ss_network_module"] == "networks.lora"
+    assert meta["ss_base_model_version"] == "sd_v1" and meta["modelspec.architecture"] == "stable-diffusion-v1/lora"
+    assert meta["ss_steps"] == "120" and meta["sshs_model_hash"]
+    assert len(list((dataset.parent / "images").glob("*_lat.safetensors"))) == 4
+    assert len(list((dataset.parent / "images").glob("*_te.safetensors"))) == 4
+
+
+def _cache_files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in [*folder.glob("*_lat.safetensors"), *folder.glob("*_te.safetensors")]}
+
+
+def test_caches_are_reused_and_recomputed_when_their_producer_changes(argv, dataset):
+    images = dataset.parent / "images"
+    flags = ("--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--max_train_steps=1")
+    train(*argv(*flags))
+    first = _cache_files(images)
+    assert len(first) == 8  # 4 latents + 4 text outputs
+
+    train(*argv(*flags))
+    assert _cache_files(images) == first  # same flags: nothing re-encoded
+
+    train(*argv(*flags, "--max_token_length=150"))
+    after = _cache_files(images)
+    new_text = {name for name in set(after) - set(first) if name.endswith("_te.safetensors")}
+    assert len(new_text) == 4 and {k: after[k] for k in first} == first  # text outputs recomputed, latents reused
+
+
+def test_resume_continues_to_the_same_weights(argv, tmp_path):
+    """Stop after 3 of 6 steps, resume from the saved state: the LoRA equals the uninterrupted run's."""
+    common = ("--max_train_steps=6", "--network_dropout=0.1", "--save_every_n_steps=3", "--save_state",
+              "--lr_scheduler=cosine", "--lr_warmup_steps=2")
+    train(*argv(*common, output=tmp_path / "full"))
+    state = tmp_path / "full" / "lora-step00000003-state"
+    assert (state / "train_state.json").is_file()
+    train(*argv(*common, f"--resume={state}", output=tmp_path / "resumed"))
+
+    full, resumed = lora_tensors(tmp_path / "full" / "lora.safetensors"), lora_tensors(tmp_path / "resumed" / "lora.safetensors")
+    assert full.keys() == resumed.keys()
+    for key in full:
+        assert torch.equal(full[key], resumed[key]), key
+    assert lora_metadata(tmp_path / "resumed" / "lora.safetensors")["ss_steps"] == "6"
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_earlier_saves(argv, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    original = train_network.SdNetworkTrainer.compute_loss
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        loss = original(self, *args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 3 else loss
+
+    monkeypatch.setattr(train_network.SdNetworkTrainer, "compute_loss", poisoned)
+    out = tmp_path / "out"
+    args = train_network.parse_args(train_network.setup_parser(), argv("--max_train_steps=5", "--save_every_n_steps=2"))
+    with pytest.raises(TrainingDiverged, match="at step 3"):
+        train_network.SdNetworkTrainer(args).train(args)
+    saved = out / "lora-step00000002.safetensors"
+    assert lora_tensors(saved)  # the last good save loads
+    assert not (out / "lora.safetensors").exists()
+
+
+def _error_line(capsys, *argv: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        train(*argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err.strip().splitlines()
+    return err[-1]
+
+
+def test_bad_inputs_are_one_line_errors_before_training(argv, tmp_path, capsys, dataset):
+    missing = argv()
+    missing[0] = f"--pretrained_model_name_or_path={tmp_path / 'nope.safetensors'}"
+    assert "model not found" in _error_line(capsys, *missing) and "nope.safetensors" in _error_line(capsys, *missing)
+
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1),
+               "model.diffusion_model.label_emb.0.0.weight": torch.zeros(1)}, str(sdxl))
+    wrong_family = argv()
+    wrong_family[0] = f"--pretrained_model_name_or_path={sdxl}"
+    assert "SDXL checkpoint; use sdxl_train_network.py" in _error_line(capsys, *wrong_family)
+
+    dataset.write_text(dataset.read_text().replace("num_repeats", "num_repeat"))
+    line = _error_line(capsys, *argv())
+    assert "num_repeat" in line and str(dataset.name) in line
+
+
+def test_conflicting_cache_and_caption_options_are_refused(argv, capsys):
+    line = _error_line(capsys, *argv("--cache_text_encoder_outputs", "--shuffle_caption"))
+    assert "shuffle_caption" in line and "cache" in line
+
+
+def test_corrupt_image_is_skipped_counted_and_named(argv, dataset, caplog):
+    (dataset.parent / "images" / "broken.png").write_bytes(b"not a png at all")
+    (dataset.parent / "images" / "broken.txt").write_text("broken")
+    train(*argv("--max_train_steps=1"))
+    assert "broken.png" in caplog.text and "1 unreadable images were skipped" in caplog.text
