@@ -7,32 +7,27 @@ checks our renaming against an independent implementation.
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
-    convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
-    create_diffusers_clip_model_from_ldm,
-    create_unet_diffusers_config_from_ldm,
 )
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextModel
+
+from diffusers_oracle import diffusers_vae_config, write_diffusers_folder
 
 from library.fixtures.tiny_sd import (
     TINY_TEXT_LAYERS,
-    tiny_text_config,
     tiny_unet_config,
     tiny_vae_config,
     write_tiny_sd_checkpoint,
 )
 from library.models.checkpoint import CheckpointError, detect_family, load_state_dict, strip_prefix
 from library.models.sd_loading import SdModels, load_sd_models, unet_config_from_diffusers, vae_config_from_diffusers
-from library.models.sd_unet import SD1_UNET_CONFIG, SD2_UNET_CONFIG, SdUNetConfig
+from library.models.sd_unet import SD1_UNET_CONFIG, SD2_UNET_CONFIG
 from library.models.text_encoders import hf_text_state_dict, openclip_to_hf_text_state_dict
 from library.models.vae import VaeConfig
 
@@ -269,22 +264,6 @@ def other_vae(tmp_path_factory) -> dict[str, torch.Tensor]:
     return strip_prefix(load_file(write_tiny_sd_checkpoint(folder / "seed7.safetensors", seed=7)), VAE)
 
 
-def diffusers_vae_config() -> dict:
-    config = tiny_vae_config()
-    widths = [config.ch * mult for mult in config.ch_mult]
-    return {
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "down_block_types": ["DownEncoderBlock2D"] * len(widths),
-        "up_block_types": ["UpDecoderBlock2D"] * len(widths),
-        "block_out_channels": widths,
-        "layers_per_block": config.num_res_blocks,
-        "latent_channels": config.z_channels,
-        "norm_num_groups": config.norm_groups,
-        "sample_size": 32,
-    }
-
-
 @pytest.mark.parametrize("layout", ["prefixed", "bare", "diffusers"])
 def test_vae_override_file_layouts(tmp_path, tiny_sd1_checkpoint, other_vae, layout):
     if layout == "prefixed":
@@ -306,50 +285,6 @@ def test_vae_override_that_is_not_a_vae_is_named(tmp_path, tiny_sd1_checkpoint):
 
 
 # ---- diffusers folders ----------------------------------------------------------------------------------------
-
-
-def ldm_unet_yaml(config: SdUNetConfig) -> dict:
-    """The ldm YAML diffusers' converter reads the U-Net layout from (as a dict)."""
-    if config.num_head_channels is None:
-        heads = {"num_heads": config.num_heads}
-    else:
-        heads = {"num_head_channels": config.num_head_channels}
-    params = {
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "model_channels": config.model_channels,
-        "attention_resolutions": [2**level for level in config.attention_levels],
-        "num_res_blocks": config.num_res_blocks,
-        "channel_mult": list(config.channel_mult),
-        "use_linear_in_transformer": config.use_linear_in_transformer,
-        "transformer_depth": config.transformer_depth,
-        "context_dim": config.context_dim,
-        **heads,
-    }
-    vae_params = {"ddconfig": {"ch_mult": list(tiny_vae_config().ch_mult)}}
-    return {"model": {"params": {"unet_config": {"params": params}, "first_stage_config": {"params": vae_params}}}}
-
-
-def write_diffusers_folder(checkpoint_path: Path, folder: Path, v2: bool) -> None:
-    """Convert a tiny single file with diffusers' own converters and save it the way diffusers does."""
-    checkpoint = load_file(checkpoint_path)
-    unet_config = tiny_unet_config(v2)
-    diffusers_unet_config = create_unet_diffusers_config_from_ldm(ldm_unet_yaml(unet_config), checkpoint)
-    diffusers_unet_config["norm_num_groups"] = unet_config.norm_groups
-    unet = UNet2DConditionModel(**diffusers_unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, diffusers_unet_config), strict=True)
-    unet.save_pretrained(folder / "unet")
-    vae = DiffusersAutoencoderKL(**diffusers_vae_config())
-    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, diffusers_vae_config()), strict=True)
-    vae.save_pretrained(folder / "vae")
-    text_config = tiny_text_config(v2)
-    text_config.num_hidden_layers = TINY_TEXT_LAYERS
-    text_config.save_pretrained(folder / "text_config")
-    text_encoder = create_diffusers_clip_model_from_ldm(
-        CLIPTextModel, checkpoint, config=str(folder / "text_config"), local_files_only=True
-    )
-    text_encoder.save_pretrained(folder / "text_encoder")
-    shutil.rmtree(folder / "text_config")
 
 
 @pytest.mark.parametrize("v2", [False, True], ids=["sd1", "sd2"])
