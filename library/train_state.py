@@ -35,20 +35,29 @@ class TrainState:
         return cls(epoch=int(data["epoch"]), global_step=int(data["global_step"]))
 
 
-def save_state_folder(folder: Path, state: TrainState, save_accelerator_state: Callable[[str], None]) -> None:
-    """Save accelerate's state and our progress into `folder`, replacing it only once complete."""
+def save_state_folder(folder: Path, state: TrainState, save_accelerator_state: Callable[[str], None], *,
+                      is_main: bool = True, barrier: Callable[[], None] = lambda: None) -> None:
+    """Save accelerate's state and our progress into `folder`, replacing it only once complete.
+
+    Every process calls this (each writes its own random_states_<rank>.pkl); only the main process cleans,
+    renames and deletes, and `barrier` keeps the others from writing into a folder being cleaned or moved.
+    """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
+    if is_main and tmp.exists():
         shutil.rmtree(tmp)
+    barrier()
     save_accelerator_state(str(tmp))
-    (tmp / STATE_FILE).write_text(state.to_json())
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    barrier()
+    if is_main:
+        (tmp / STATE_FILE).write_text(state.to_json())
+        old = folder.with_name(folder.name + ".old")
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        if old.exists():
+            shutil.rmtree(old)
+    barrier()
 
 
 def resolve_resume_folder(resume: str) -> Path:

@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,6 +187,8 @@ class NetworkTrainer:
                         raise TrainingDiverged(f"loss is {loss.item()} at step {state.global_step + 1}; training stopped "
                                                "and nothing more was saved (earlier saves are intact)")
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        average_gradients(accelerator, ctx.network)
                     if accelerator.sync_gradients and run.max_grad_norm:
                         accelerator.clip_grad_norm_(ctx.network.parameters(), run.max_grad_norm)
                     ctx.optimizer.step()
@@ -286,7 +289,8 @@ class NetworkTrainer:
         return path
 
     def _save_state(self, ctx: "_LoopContext", folder_name: str, state: TrainState) -> None:
-        save_state_folder(ctx.save.output_dir / folder_name, state, ctx.accelerator.save_state)
+        save_state_folder(ctx.save.output_dir / folder_name, state, ctx.accelerator.save_state,
+                          is_main=ctx.accelerator.is_main_process, barrier=ctx.accelerator.wait_for_everyone)
 
     def _maybe_save_step(self, ctx: "_LoopContext", state: TrainState) -> None:
         save, step, main = ctx.save, state.global_step, ctx.accelerator.is_main_process
@@ -360,9 +364,14 @@ class NetworkTrainer:
                 kwargs_handlers.append(InitProcessGroupKwargs(timeout=timedelta(minutes=args.ddp_timeout)))
             kwargs_handlers.append(DistributedDataParallelKwargs(gradient_as_bucket_view=args.ddp_gradient_as_bucket_view,
                                                                  static_graph=args.ddp_static_graph))
-        return Accelerator(gradient_accumulation_steps=run.gradient_accumulation_steps, mixed_precision=run.mixed_precision,
-                           log_with=trackers, project_config=project, kwargs_handlers=kwargs_handlers,
-                           dynamo_backend=args.dynamo_backend if args.torch_compile else None)
+        accelerator = Accelerator(gradient_accumulation_steps=run.gradient_accumulation_steps, mixed_precision=run.mixed_precision,
+                                  log_with=trackers, project_config=project, kwargs_handlers=kwargs_handlers,
+                                  dynamo_backend=args.dynamo_backend if args.torch_compile else None)
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched > 1 and accelerator.num_processes == 1:
+            raise ValueError(f"launched as {launched} processes but accelerate runs each alone (no GPU found?); "
+                             "on CPU set ACCELERATE_USE_CPU=true for a multi-process run")
+        return accelerator
 
     def _init_trackers(self, accelerator: Accelerator, args: argparse.Namespace) -> None:
         if not (args.log_with or args.logging_dir):
@@ -583,6 +592,21 @@ def seed_step(seed: int, micro_step: int, process_index: int, device: torch.devi
     generator = torch.Generator(device=device)
     generator.manual_seed(derived ^ 0x5DEECE66D)
     return generator
+
+
+def average_gradients(accelerator: Accelerator, network: torch.nn.Module) -> None:
+    """Average the LoRA gradients over all processes, in one all-reduce.
+
+    DDP's own all-reduce is armed by the wrapped module's forward(), and the LoRA network's forward is never
+    called: its modules are patched into the U-Net and text encoders. Without this every rank would step on
+    its own gradients and the copies would drift apart (sd-scripts' all_reduce_network does the same).
+    """
+    grads = [p.grad for p in network.parameters() if p.grad is not None]
+    if accelerator.num_processes == 1 or not grads:
+        return
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="mean")
+    for grad, part in zip(grads, flat.split([g.numel() for g in grads])):
+        grad.copy_(part.view_as(grad))
 
 
 def _on_device(batch: dict, device: torch.device) -> dict:
