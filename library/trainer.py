@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
@@ -293,33 +293,32 @@ class NetworkTrainer:
                           is_main=ctx.accelerator.is_main_process, barrier=ctx.accelerator.wait_for_everyone)
 
     def _maybe_save_step(self, ctx: "_LoopContext", state: TrainState) -> None:
-        save, step, main = ctx.save, state.global_step, ctx.accelerator.is_main_process
-        if not save.every_n_steps or step % save.every_n_steps != 0 or step >= ctx.max_steps:
-            return
-        ctx.accelerator.wait_for_everyone()
-        if main:
-            self._save_lora(ctx, step_file_name(save.output_name, step, save.ext), state)
-            if save.last_n_steps:
-                rotate(save.output_dir, step_pattern(save.output_name, save.ext), steps_keep_count(save.last_n_steps, save.every_n_steps))
-        if save.save_state:
-            self._save_state(ctx, step_state_name(save.output_name, step), state)
-            if save.last_n_steps_state and main:
-                rotate(save.output_dir, step_pattern(save.output_name, "-state"),
-                       steps_keep_count(save.last_n_steps_state, save.every_n_steps))
+        save, step = ctx.save, state.global_step
+        if save.every_n_steps and step % save.every_n_steps == 0 and step < ctx.max_steps:
+            self._periodic_save(ctx, state, step_file_name(save.output_name, step, save.ext), step_state_name(save.output_name, step),
+                                lambda suffix: step_pattern(save.output_name, suffix),
+                                save.last_n_steps and steps_keep_count(save.last_n_steps, save.every_n_steps),
+                                save.last_n_steps_state and steps_keep_count(save.last_n_steps_state, save.every_n_steps))
 
     def _maybe_save_epoch(self, ctx: "_LoopContext", state: TrainState) -> None:
-        save, epoch, main = ctx.save, state.epoch, ctx.accelerator.is_main_process
-        if not save.every_n_epochs or epoch % save.every_n_epochs != 0 or epoch >= ctx.max_epochs:
-            return
+        save, epoch = ctx.save, state.epoch
+        if save.every_n_epochs and epoch % save.every_n_epochs == 0 and epoch < ctx.max_epochs:
+            self._periodic_save(ctx, state, epoch_file_name(save.output_name, epoch, save.ext), epoch_state_name(save.output_name, epoch),
+                                lambda suffix: epoch_pattern(save.output_name, suffix), save.last_n_epochs, save.last_n_epochs_state)
+
+    def _periodic_save(self, ctx: "_LoopContext", state: TrainState, file_name: str, state_name: str,
+                       pattern: Callable[[str], str], keep_files: int | None, keep_states: int | None) -> None:
+        """Save the LoRA (and the state with --save_state), then drop saves older than --save_last_n_*."""
+        save, main = ctx.save, ctx.accelerator.is_main_process
         ctx.accelerator.wait_for_everyone()
         if main:
-            self._save_lora(ctx, epoch_file_name(save.output_name, epoch, save.ext), state)
-            if save.last_n_epochs:
-                rotate(save.output_dir, epoch_pattern(save.output_name, save.ext), save.last_n_epochs)
+            self._save_lora(ctx, file_name, state)
+            if keep_files:
+                rotate(save.output_dir, pattern(save.ext), keep_files)
         if save.save_state:
-            self._save_state(ctx, epoch_state_name(save.output_name, epoch), state)
-            if save.last_n_epochs_state and main:
-                rotate(save.output_dir, epoch_pattern(save.output_name, "-state"), save.last_n_epochs_state)
+            self._save_state(ctx, state_name, state)
+            if keep_states and main:
+                rotate(save.output_dir, pattern("-state"), keep_states)
 
     def _finish(self, ctx: "_LoopContext", state: TrainState) -> Path | None:
         ctx.accelerator.wait_for_everyone()

@@ -12,6 +12,8 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, cre
 from diffusers.models.embeddings import get_timestep_embedding
 from torch import nn
 
+from diffusers_oracle import ldm_unet_yaml
+
 from library.models.sd_unet import (
     SD1_UNET_CONFIG,
     SD2_UNET_CONFIG,
@@ -60,35 +62,8 @@ def randomize_(module: nn.Module, seed: int) -> None:
                 param.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
 
 
-def ldm_original_config(config: SdUNetConfig) -> dict:
-    """The ldm YAML (as a dict) that would describe this U-Net, for diffusers' own config builder."""
-    unet_params = {
-        "in_channels": config.in_channels,
-        "out_channels": config.out_channels,
-        "model_channels": config.model_channels,
-        "attention_resolutions": [2**level for level in config.attention_levels],
-        "num_res_blocks": config.num_res_blocks,
-        "channel_mult": list(config.channel_mult),
-        "use_linear_in_transformer": config.use_linear_in_transformer,
-        "transformer_depth": config.transformer_depth,
-        "context_dim": config.context_dim,
-    }
-    if config.num_head_channels is None:
-        unet_params["num_heads"] = config.num_heads
-    else:
-        unet_params["num_head_channels"] = config.num_head_channels
-    return {
-        "model": {
-            "params": {
-                "unet_config": {"params": unet_params},
-                "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
-            }
-        }
-    }
-
-
 def diffusers_config(config: SdUNetConfig, prefixed_sd: dict) -> dict:
-    out = create_unet_diffusers_config_from_ldm(ldm_original_config(config), prefixed_sd)
+    out = create_unet_diffusers_config_from_ldm(ldm_unet_yaml(config), prefixed_sd)
     out["norm_num_groups"] = config.norm_groups
     return out
 
