@@ -73,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--network_dim", type=int, default=16)
     parser.add_argument("--network_alpha", type=float, default=16.0)
     parser.add_argument("--optimizer_type", default="AdamW")
+    parser.add_argument("--full_bf16", action="store_true", help="LoRA weights in bf16 too (the trainer's --full_bf16)")
     parser.add_argument("--matmul_size", type=int, default=8192, help="side of the bf16 matmul that measures the peak rate; 0 skips it")
     parser.add_argument("--profile", action="store_true", help="also profile 3 steps: kernel time, launches, top kernels")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -100,6 +101,8 @@ def build(options: argparse.Namespace) -> Bench:
     unet.set_gradient_checkpointing(gradient_checkpointing)
     unet.train(gradient_checkpointing)
     network.to(device)
+    if options.full_bf16:
+        network.to(torch.bfloat16)
     params, _ = network.prepare_optimizer_params(None, None, 1e-4)
     _, optimizer = build_optimizer(OptimizerConfig(options.optimizer_type, 1e-4, (), 1.0, False), params)
     side = resolution // 8
@@ -109,8 +112,9 @@ def build(options: argparse.Namespace) -> Bench:
                  DdpmSchedule.scaled_linear(), device)
 
 
-def train_step(bench: Bench) -> float:
-    """One optimizer step as NetworkTrainer._loop / _step_loss / SdNetworkTrainer.compute_loss do it."""
+def train_step(bench: Bench, after_forward: Callable[[], None] | None = None) -> float:
+    """One optimizer step as NetworkTrainer._loop / _step_loss / SdNetworkTrainer.compute_loss do it;
+    `after_forward` runs between the loss and backward (to read memory held for backward)."""
     device = bench.device
     with torch.no_grad():
         latents = bench.latents.to(device, dtype=torch.bfloat16)
@@ -123,6 +127,8 @@ def train_step(bench: Bench) -> float:
         per_sample = ddpm_loss(lambda noisy, t: bench.unet(noisy, t, cond), latents, config=bench.loss_config,
                                schedule=bench.schedule, loss_weights=loss_weights, alpha_masks=None, generator=generator)
     loss = per_sample.mean()
+    if after_forward is not None:
+        after_forward()
     if not torch.isfinite(loss):
         raise RuntimeError(f"loss is {loss.item()} at step {bench.step}")
     loss.backward()
@@ -178,6 +184,29 @@ def model_flops(options: argparse.Namespace) -> int:
     return int(counter.get_total_flops())
 
 
+def host_launch_us(device: torch.device, launches: int = 20000) -> float:
+    """Host time per launch of a trivial kernel: the floor on the cost of every op a step dispatches."""
+    x = torch.zeros(1, device=device)
+    for _ in range(100):
+        x.add_(1)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(launches):
+        x.add_(1)
+    synchronize(device)
+    return (time.perf_counter() - start) / launches * 1e6
+
+
+def memory_split(bench: Bench) -> dict[str, float]:
+    """GiB held after the forward pass (what backward keeps) and the step's peak, the flop-counting step excluded."""
+    held = {}
+    synchronize(bench.device)
+    torch.cuda.reset_peak_memory_stats(bench.device)
+    train_step(bench, after_forward=lambda: held.setdefault("after_forward_gib", torch.cuda.memory_allocated(bench.device) / GIB))
+    held["step_peak_gib"] = torch.cuda.max_memory_allocated(bench.device) / GIB
+    return held
+
+
 def bf16_matmul_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
     """Measured bf16 matmul rate (median of `repeats` products on random data, events around each)."""
     a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
@@ -224,12 +253,15 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> d
     setup_gib = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
     flops, per_op = count_flops(bench)
     no_recompute_flops = model_flops(options)
+    split = memory_split(bench) if device.type == "cuda" else {}
     times = time_steps(bench, options.warmup, options.steps)
     result = {
         "model": options.model, "resolution": (options.resolution or MODELS[options.model][2]), "batch_size": options.batch_size,
         "gradient_checkpointing": not options.no_gradient_checkpointing, "optimizer": options.optimizer_type,
+        "lora_dtype": "bf16" if options.full_bf16 else "fp32",
         "network_dim": options.network_dim, "unet_params": unet_params, "lora_params": lora_params,
         "s_per_step_median": statistics.median(times), "s_per_step_min": min(times), "s_per_step_max": max(times),
+        "s_per_step_p90": sorted(times)[int(0.9 * (len(times) - 1))],
         "steps_timed": len(times), "tflop_per_step": flops / 1e12, "flops_by_op": per_op,
         "model_tflop_per_step": no_recompute_flops / 1e12,
         "torch": torch.__version__,
@@ -237,7 +269,8 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> d
     if device.type == "cuda":
         result.update(gpu=torch.cuda.get_device_name(device), setup_gib=setup_gib,
                       peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB)
+                      peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB, **split,
+                      host_launch_us=host_launch_us(device))
         if options.matmul_size:
             peak = bf16_matmul_tflops(device, options.matmul_size)
             seconds = result["s_per_step_median"]
@@ -257,11 +290,12 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> d
 
 def summary(r: dict) -> str:
     line = (f"{r['model']} {r['resolution']}² bs{r['batch_size']} gc={'on' if r['gradient_checkpointing'] else 'off'} "
-            f"{r['optimizer']} LoRA {r['lora_params'] / 1e6:.2f}M params: {r['s_per_step_median'] * 1e3:.1f} ms/step "
+            f"{r['optimizer']} LoRA {r['lora_dtype']} {r['lora_params'] / 1e6:.2f}M params: {r['s_per_step_median'] * 1e3:.1f} ms/step "
             f"(min {r['s_per_step_min'] * 1e3:.1f}, max {r['s_per_step_max'] * 1e3:.1f}), {r['tflop_per_step']:.3f} TFLOP/step "
             f"executed, {r['model_tflop_per_step']:.3f} model")
     if "peak_allocated_gib" in r:
-        line += f", peak {r['peak_allocated_gib']:.2f} GiB (setup {r['setup_gib']:.2f})"
+        line += (f", peak {r['peak_allocated_gib']:.2f} GiB (setup {r['setup_gib']:.2f}, after forward "
+                 f"{r['after_forward_gib']:.2f}), host {r['host_launch_us']:.1f} us/launch")
     if "mfu" in r:
         line += (f", MFU {100 * r['mfu']:.1f}% / HFU {100 * r['hfu']:.1f}% of a measured "
                  f"{r['bf16_matmul_tflops']:.0f} TFLOP/s bf16 matmul")

@@ -33,8 +33,11 @@ class RunConfig:
     max_train_epochs: int | None
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "RunConfig":
-        seed = args.seed if args.seed is not None else random.randint(0, 2**32 - 1)
+    def from_args(cls, args: argparse.Namespace, resumed_seed: int | None = None) -> "RunConfig":
+        """`resumed_seed`: the seed stored in the --resume state, used when --seed is not given."""
+        seed = args.seed if args.seed is not None else resumed_seed
+        if seed is None:
+            seed = random.randint(0, 2**32 - 1)
         return cls(seed=seed, mixed_precision=args.mixed_precision, full_precision_lora=args.full_fp16 or args.full_bf16,
                    gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
                    max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs)

@@ -18,10 +18,12 @@ STATE_FILE = "train_state.json"
 
 @dataclass
 class TrainState:
-    """Progress of a run. `epoch` counts completed epochs, `global_step` optimizer steps."""
+    """Progress of a run. `epoch` counts completed epochs, `global_step` optimizer steps; `seed` is the run's
+    resolved seed, so a run started without --seed still resumes exactly."""
 
     epoch: int = 0
     global_step: int = 0
+    seed: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -32,7 +34,7 @@ class TrainState:
         if not path.is_file():
             raise FileNotFoundError(f"--resume {folder}: no {STATE_FILE} inside; is this a state folder saved with --save_state?")
         data = json.loads(path.read_text())
-        return cls(epoch=int(data["epoch"]), global_step=int(data["global_step"]))
+        return cls(epoch=int(data["epoch"]), global_step=int(data["global_step"]), seed=data.get("seed"))
 
 
 def save_state_folder(folder: Path, state: TrainState, save_accelerator_state: Callable[[str], None], *,

@@ -8,6 +8,7 @@ section below; everything else is shared.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import logging
 import math
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
 from tqdm import tqdm
 
 from library.dataset.cache import latent_cache_conflicts, text_cache_conflicts
@@ -87,11 +88,14 @@ class NetworkTrainer:
 
     # ------------------------------------------------------------------ the loop
     def train(self, args: argparse.Namespace) -> Path | None:
-        run = RunConfig.from_args(args)
+        resumed = TrainState.read(resolve_resume_folder(args.resume)) if args.resume else None
+        run = RunConfig.from_args(args, resumed_seed=resumed.seed if resumed else None)
         log_flag_notes(args)
         check_input_files(args)
         self.check_model_files(args)
         accelerator = self._make_accelerator(args, run)
+        if accelerator.num_processes > 1:  # a seed drawn at random must be the same on every process
+            run = dataclasses.replace(run, seed=broadcast_object_list([run.seed])[0])
         set_seed(run.seed, accelerator.process_index)
 
         dataset_options = DatasetOptions.from_args(args)
@@ -141,15 +145,14 @@ class NetworkTrainer:
                                        num_processes=accelerator.num_processes)
         network, optimizer, loader, scheduler = accelerator.prepare(network, optimizer, loader, scheduler)
 
-        state = initial_state(args, steps_per_epoch)
+        state = initial_state(args, steps_per_epoch, run.seed)
         skip_data = args.skip_until_initial_step or bool(args.resume)
         for _ in range(state.global_step):
             scheduler.step()  # the schedule continues where --initial_step says the run stands
-        if args.resume:
-            folder = resolve_resume_folder(args.resume)
-            accelerator.load_state(str(folder))
-            state = TrainState.read(folder)
-            logger.info("resumed from %s at epoch %d, step %d", folder, state.epoch, state.global_step)
+        if resumed is not None:
+            accelerator.load_state(str(resolve_resume_folder(args.resume)))
+            state = resumed
+            logger.info("resumed from %s at epoch %d, step %d", args.resume, state.epoch, state.global_step)
 
         metadata = self._metadata(args, models, train_set, optimizer_name, max_steps, run)
         save = SaveConfig.from_args(args, max_epochs)
@@ -514,15 +517,15 @@ class _LoopContext:
     args: argparse.Namespace
 
 
-def initial_state(args: argparse.Namespace, steps_per_epoch: int) -> TrainState:
+def initial_state(args: argparse.Namespace, steps_per_epoch: int, seed: int) -> TrainState:
     """Where a fresh run starts: --initial_step (0-based) or --initial_epoch (1-based), as in sd-scripts."""
     if args.initial_step is not None:
         step = args.initial_step
     elif args.initial_epoch is not None:
         step = (args.initial_epoch - 1) * steps_per_epoch
     else:
-        return TrainState()
-    return TrainState(epoch=step // steps_per_epoch, global_step=step)
+        step = 0
+    return TrainState(epoch=step // steps_per_epoch, global_step=step, seed=seed)
 
 
 def show_dataset(dataset: TrainDataset, epoch: int = 0) -> None:

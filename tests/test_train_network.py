@@ -87,14 +87,20 @@ def test_caches_are_reused_and_recomputed_when_their_producer_changes(argv, data
     assert len(new_text) == 4 and {k: after[k] for k in first} == first  # text outputs recomputed, latents reused
 
 
-def test_resume_continues_to_the_same_weights(argv, tmp_path):
-    """Stop after 3 of 6 steps, resume from the saved state: the LoRA equals the uninterrupted run's."""
+@pytest.mark.parametrize("seeded", [True, False], ids=["with_seed", "random_seed"])
+def test_resume_continues_to_the_same_weights(argv, tmp_path, seeded):
+    """Stop after 3 of 6 steps, resume from the saved state: the LoRA equals the uninterrupted run's.
+    Without --seed the state folder carries the drawn seed."""
     common = ("--max_train_steps=6", "--network_dropout=0.1", "--save_every_n_steps=3", "--save_state",
               "--lr_scheduler=cosine", "--lr_warmup_steps=2")
-    train(*argv(*common, output=tmp_path / "full"))
+
+    def without_seed(flags: list[str]) -> list[str]:
+        return flags if seeded else [flag for flag in flags if not flag.startswith("--seed=")]
+
+    train(*without_seed(argv(*common, output=tmp_path / "full")))
     state = tmp_path / "full" / "lora-step00000003-state"
     assert (state / "train_state.json").is_file()
-    train(*argv(*common, f"--resume={state}", output=tmp_path / "resumed"))
+    train(*without_seed(argv(*common, f"--resume={state}", output=tmp_path / "resumed")))
 
     full, resumed = lora_tensors(tmp_path / "full" / "lora.safetensors"), lora_tensors(tmp_path / "resumed" / "lora.safetensors")
     assert full.keys() == resumed.keys()
