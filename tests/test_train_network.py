@@ -164,3 +164,23 @@ def test_corrupt_image_is_skipped_counted_and_named(argv, dataset, capsys):
     train(*argv("--max_train_steps=1"))
     log = capsys.readouterr().err  # the script's own log handler writes to stderr
     assert "broken.png" in log and "1 unreadable images were skipped" in log
+
+
+def test_prefill_tools_write_the_caches_training_reuses(argv, dataset):
+    from tools import cache_latents, cache_text_encoder_outputs
+
+    images = dataset.parent / "images"
+    cache_latents.main(argv())
+    cache_text_encoder_outputs.main(argv())
+    prefilled = _cache_files(images)
+    assert sum(n.endswith("_lat.safetensors") for n in prefilled) == 4
+    assert sum(n.endswith("_te.safetensors") for n in prefilled) == 4
+    train(*argv("--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--max_train_steps=1"))
+    assert _cache_files(images) == prefilled  # training found every file valid and encoded nothing
+
+
+def test_bf16_mixed_precision_with_bf16_lora(argv, tmp_path):
+    out = tmp_path / "bf16"
+    train(*argv("--mixed_precision=bf16", "--full_bf16", "--save_precision=float", output=out))
+    tensors = lora_tensors(out / "lora.safetensors")
+    assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
