@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 import torch
 
@@ -19,7 +20,9 @@ from library.fingerprint import file_identity
 from library.models.clip_text import encode_chunked, tokenize_chunked
 from library.models.sd_loading import check_sd_checkpoint, load_sd_models
 from library.models.tokenizers import SD1_TOKENIZER_ID, SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER, TokenizerUnavailable, load_clip_tokenizer
-from library.sample_images import generate_ddpm_samples
+from library.run_config import SampleConfig
+from library.sample_images import cfg, ddpm_latents, generate_samples
+from library.sample_prompts import SamplePrompt
 from library.trainer import Models, NetworkTrainer, TrainingDiverged
 
 logger = logging.getLogger(__name__)
@@ -76,13 +79,15 @@ class SdNetworkTrainer(NetworkTrainer):
         return ddpm_loss(denoise, latents, config=self.loss_config, schedule=self.schedule,
                          loss_weights=batch["loss_weights"], alpha_masks=batch["alpha_masks"], generator=generator)
 
-    def sample_images(self, models, sample, *, step, epoch, device):
-        return generate_ddpm_samples(
-            sample, step=step, epoch=epoch, device=device, v_parameterization=self.v_parameterization,
-            schedule=self.schedule, latent_channels=4, vae_scale=VAE_SCALE,
-            encode_prompt=lambda prompts: self.encode_text(models, prompts)["hidden_states"],
-            denoise=lambda x, t, cond: models.denoiser(x, t, cond),
-            decode=lambda z: models.vae.decode(z.to(models.vae.dtype)))
+    def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
+        def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
+            cond, uncond = self.encode_text(models, [prompt.prompt, prompt.negative_prompt])["hidden_states"].chunk(2)
+            guided = cfg(models.denoiser, cond, uncond, prompt.cfg_scale)
+            return ddpm_latents(prompt, generator, sampler, guided=guided, schedule=self.schedule,
+                                v_parameterization=self.v_parameterization, channels=4)
+
+        return generate_samples(sample, step=step, epoch=epoch, device=device, render=render,
+                                decode=lambda z: models.vae.decode((z / VAE_SCALE).to(models.vae.dtype)))
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
         from library.metadata import modelspec_metadata

@@ -354,3 +354,38 @@ TRAINING_FLAGS: tuple[FlagGroup, ...] = (
     METADATA, SAMPLING, VALIDATION, LOGGING, CONFIG,
 )
 """Every flag of sd-scripts' train_network.py, in --help order."""
+
+
+_WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
+
+SD3_MODEL = FlagGroup("model", "model", "", (
+    flag("clip_l", "CLIP-L text encoder file (when the checkpoint has none)", type=str, metavar="PATH"),
+    flag("clip_g", "CLIP-G text encoder file (when the checkpoint has none)", type=str, metavar="PATH"),
+    flag("t5xxl", "T5-XXL text encoder file (when the checkpoint has none)", type=str, metavar="PATH"),
+    switch("disable_mmap_load_safetensors", "read .safetensors files whole instead of memory-mapping them"),
+    flag("t5xxl_device", "device T5-XXL runs on while encoding (default: the training device)", type=str),
+    flag("t5xxl_dtype", "dtype of T5-XXL (default: the --mixed_precision dtype)", type=str),
+    flag("t5xxl_max_token_length", "T5 tokens per caption", type=int, default=256),
+    switch("apply_lg_attn_mask", "zero CLIP-L/CLIP-G outputs at padding positions"),
+    switch("apply_t5_attn_mask", "mask T5 padding in its attention and zero its outputs there"),
+))
+
+SD3_TRAINING = FlagGroup("sd3", "SD3 training", "Flow-matching timesteps, text-encoder dropout and memory options of SD3.", (
+    flag("weighting_scheme", "timestep density / loss weighting", type=str, default="uniform", choices=_WEIGHTING_SCHEMES),
+    flag("logit_mean", "mean of the logit-normal timestep density", type=float, default=0.0),
+    flag("logit_std", "standard deviation of the logit-normal timestep density", type=float, default=1.0),
+    flag("mode_scale", "scale of the 'mode' timestep density", type=float, default=1.29),
+    flag("training_shift", "shift of the sampled sigmas: s*sigma / (1 + (s-1)*sigma)", type=float, default=1.0),
+    flag("clip_l_dropout_rate", "probability of dropping the CLIP-L conditioning of a sample", type=float, default=0.0),
+    flag("clip_g_dropout_rate", "probability of dropping the CLIP-G conditioning of a sample", type=float, default=0.0),
+    flag("t5_dropout_rate", "probability of dropping the T5 conditioning of a sample", type=float, default=0.0),
+    flag("pos_emb_random_crop_rate", "probability of a random (instead of centred) crop of the position embedding",
+         type=float, default=0.0),
+    switch("enable_scaled_pos_embed", "scale the position embedding per bucket resolution (multi-resolution training)"),
+    flag("blocks_to_swap", "joint blocks kept in CPU memory and copied to the GPU when used", type=int),
+    switch("save_clip", "save CLIP-L/G with the model (full fine-tuning only)"),
+    switch("save_t5xxl", "save T5-XXL with the model (full fine-tuning only)"),
+))
+
+SD3_FLAGS: tuple[FlagGroup, ...] = (SD3_MODEL, SD3_TRAINING)
+"""What sd3_train_network.py adds to TRAINING_FLAGS (sd-scripts' add_dit_training_arguments + add_sd3_training_arguments)."""

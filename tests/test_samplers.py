@@ -67,3 +67,23 @@ def test_v_prediction_denoiser_recovers_x0():
 def test_unknown_sampler_is_named():
     with pytest.raises(ValueError, match="unknown sampler 'foo'"):
         sample("foo", lambda x, s: x, torch.zeros(1), torch.ones(2))
+
+
+def test_flow_euler_reaches_the_clean_latents_with_the_exact_velocity():
+    """On the straight path x_σ = σ·n + (1 − σ)·x0 the velocity is (x − x0)/σ; Euler is exact on it."""
+    from library.diffusion.flow_sampling import flow_euler_sample, flow_sampling_sigmas
+
+    x0 = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3))
+    noise = torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(4))
+    velocity = lambda x, t: (x - x0) / (t.reshape(-1, 1, 1, 1) / 1000)  # noqa: E731
+    out = flow_euler_sample(velocity, noise, flow_sampling_sigmas(7, shift=3.0))
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_flow_sigmas_are_shifted_and_span_one_to_zero():
+    from library.diffusion.flow_sampling import flow_sampling_sigmas
+
+    sigmas = flow_sampling_sigmas(4, shift=3.0)
+    plain = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
+    assert torch.allclose(sigmas, 3 * plain / (1 + 2 * plain))
+    assert sigmas[0] == 1 and sigmas[-1] == 0
