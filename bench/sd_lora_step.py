@@ -235,7 +235,8 @@ def profile_steps(bench: Bench, steps: int = 3) -> dict:
             train_step(bench)
         synchronize(bench.device)
     wall = (time.perf_counter() - start) / steps
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    # gpu_user_annotation rows (e.g. the optimizer's range) sit on the CUDA timeline too but are spans, not kernels.
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     kernel_time = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
     try:
         table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)

@@ -233,12 +233,13 @@ class NetworkTrainer:
                 latents = batch["latents"].to(device, dtype=weight_dtype)
             else:
                 latents = self.encode_images(models, batch["images"].to(device, dtype=models.vae.dtype)).to(weight_dtype)
-        if batch["text_outputs"] is not None:
-            text = {k: v.to(device) for k, v in batch["text_outputs"].items()}
-        else:
-            with torch.set_grad_enabled(ctx.train_text_encoder and not validation):
-                text = self.encode_text(models, batch["captions"])
+        # Text encoding runs under autocast too: half-precision encoders carry fp32 LoRA weights.
         with ctx.accelerator.autocast():
+            if batch["text_outputs"] is not None:
+                text = {k: v.to(device) for k, v in batch["text_outputs"].items()}
+            else:
+                with torch.set_grad_enabled(ctx.train_text_encoder and not validation):
+                    text = self.encode_text(models, batch["captions"])
             per_sample = self.compute_loss(models, _on_device(batch, device), latents, text, generator)
         return per_sample.mean()
 

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from library.saving import save_lora_file
 from networks.lora_config import LoRAConfig, NetworkArgsError, RankPlan, rank_args_in
-from networks.lora_targets import ModuleTargets, NetworkTargets, find_target_layers, resolve_targets
+from networks.lora_targets import ModuleTargets, NetworkTargets, TargetLayer, find_target_layers, resolve_targets
 
 logger = logging.getLogger(__name__)
 
@@ -170,12 +170,13 @@ class LoRANetwork(nn.Module):
         make = dict(ranks=ranks, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
                     module_dropout=module_dropout)
         self.text_encoder_groups: list[list[LoRAModule]] = []
+        self.skipped_names: list[str] = []  # targeted layers that a rank of 0 leaves alone (for verbose logs)
         for i, (encoder, layout) in enumerate(zip(text_encoders, targets.text_encoders)):
             number = "" if len(text_encoders) == 1 else str(i + 1)  # lora_te, or lora_te1, lora_te2, ...
             prefix = layout.prefix + number if layout else ""
-            self.text_encoder_groups.append(_create_modules(encoder, layout, prefix, per_block=False, **make))
+            self.text_encoder_groups.append(_create_modules(encoder, layout, prefix, self.skipped_names, per_block=False, **make))
         self.unet_loras = [] if unet is None else _create_modules(unet, targets.denoiser, targets.denoiser.prefix,
-                                                                  per_block=True, **make)
+                                                                  self.skipped_names, per_block=True, **make)
         for lora in self._all_loras():
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicated LoRA name {lora.lora_name}: two layers map to one name")
@@ -186,8 +187,20 @@ class LoRANetwork(nn.Module):
     def text_encoder_loras(self) -> list[LoRAModule]:
         return [lora for group in self.text_encoder_groups for lora in group]
 
+    @property
+    def train_t5xxl(self) -> bool:
+        """sd-scripts' SD3 trainer reads this: whether the T5 text encoder (lora_te3) has LoRA modules."""
+        return any(lora.lora_name.startswith("lora_te3_") for lora in self.text_encoder_loras)
+
     def _all_loras(self) -> list[LoRAModule]:
         return self.text_encoder_loras + self.unet_loras
+
+    def log_modules(self) -> None:
+        """--network_args verbose=True: every module with its rank and alpha, then the skipped layers."""
+        for lora in self._all_loras():
+            logger.info("  %-60s rank %d, alpha %g", lora.lora_name, lora.lora_dim, float(lora.alpha))
+        if self.skipped_names:
+            logger.info("%d layers skipped because their rank is 0: %s", len(self.skipped_names), ", ".join(self.skipped_names))
 
     def apply_to(self, text_encoder, unet, apply_text_encoder: bool = True, apply_unet: bool = True) -> None:
         """Hook the LoRA modules into their layers; parts not applied are removed from the network."""
@@ -304,16 +317,31 @@ def _as_list(text_encoder: nn.Module | Sequence[nn.Module | None] | None) -> lis
     return list(text_encoder) if isinstance(text_encoder, (list, tuple)) else [text_encoder]
 
 
-def _create_modules(model: nn.Module | None, layout: ModuleTargets | None, prefix: str, ranks: RankPlan,
-                    per_block: bool, **module_args: Any) -> list[LoRAModule]:
+def _create_modules(model: nn.Module | None, layout: ModuleTargets | None, prefix: str, skipped: list[str],
+                    ranks: RankPlan, per_block: bool, **module_args: Any) -> list[LoRAModule]:
     if model is None or layout is None:
         return []
+    layers = find_target_layers(model, layout, prefix, ranks.with_conv)
+    if per_block:
+        _check_block_selection(ranks, layers)
     loras = []
-    for layer in find_target_layers(model, layout, prefix, ranks.with_conv):
+    for layer in layers:
         rank = ranks.rank_for(layer, per_block)
         if rank is not None:
             loras.append(LoRAModule(layer.lora_name, layer.module, lora_dim=rank[0], alpha=rank[1], **module_args))
+        elif not layer.opt_in:
+            skipped.append(layer.lora_name)
     return loras
+
+
+def _check_block_selection(ranks: RankPlan, layers: Sequence[TargetLayer]) -> None:
+    if not ranks.train_blocks:
+        return
+    present = {layer.block_index for layer in layers if layer.block_index is not None}
+    absent = sorted(ranks.train_blocks - present)
+    if absent:
+        raise NetworkArgsError(f"--network_args train_block_indices: block {absent[0]} does not exist; "
+                               f"this model has blocks 0-{max(present, default=-1)}")
 
 
 def _text_encoder_lrs(text_encoder_lr: float | Sequence[float] | None, count: int, default_lr: float | None) -> list[float | None]:
@@ -368,11 +396,18 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     _check_dropout("--network_dropout", neuron_dropout)
     text_encoders = _as_list(text_encoder)
     targets = resolve_targets(text_encoders, unet)
-    config = LoRAConfig.from_network_args(kwargs)
-    config.warn_unknown()
-    block_names = targets.denoiser.block_names if targets.denoiser else ()
-    ranks = RankPlan.from_network_args(network_dim, network_alpha, kwargs, block_names)
+    config = _config(kwargs, targets)
+    targets = targets.enabled(config.switches)  # e.g. T5 only with train_t5xxl=True
+    ranks = RankPlan.from_network_args(network_dim, network_alpha, kwargs, targets.denoiser)
     return _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets)
+
+
+def _config(kwargs: Mapping[str, Any], targets: NetworkTargets) -> LoRAConfig:
+    switches = frozenset(layout.enabled_by for layout in (targets.denoiser, *targets.text_encoders)
+                         if layout is not None and layout.enabled_by)
+    config = LoRAConfig.from_network_args(kwargs, targets.accepted_args(), switches)
+    config.warn_unknown()
+    return config
 
 
 def create_network_from_weights(multiplier: float, file: str | None, vae, text_encoder, unet,
@@ -381,7 +416,8 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     """A network shaped like a LoRA file (rank and alpha per module); the weights are not loaded here.
 
     `for_inference` is accepted for sd-scripts callers; our modules serve both uses. Rank-related
-    --network_args are overridden by the file; dropouts and LoRA+ ratios still apply.
+    --network_args are overridden by the file; dropouts and LoRA+ ratios still apply. Every layout is
+    searched (T5 included, embedders included): the file's module names decide what gets a LoRA.
     """
     if weights_sd is None:
         weights_sd = load_lora_state_dict(file)
@@ -392,10 +428,10 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     if overridden:
         logger.info("ranks come from %s; ignoring --network_args %s", file, ", ".join(overridden))
     neuron_dropout = kwargs.pop("neuron_dropout", None)
-    config = LoRAConfig.from_network_args({k: v for k, v in kwargs.items() if k not in overridden})
-    config.warn_unknown()
     text_encoders = _as_list(text_encoder)
-    network = _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, resolve_targets(text_encoders, unet))
+    targets = resolve_targets(text_encoders, unet)
+    config = _config({k: v for k, v in kwargs.items() if k not in overridden}, targets)
+    network = _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets)
     missing = sorted(set(ranks.module_dims) - {lora.lora_name for lora in network._all_loras()})
     if missing:
         logger.warning("%s: %d LoRA modules match no layer of this model (first: %s); is it for another model family?",
@@ -408,4 +444,6 @@ def _build(text_encoders: list, unet, ranks: RankPlan, config: LoRAConfig, multi
     network = LoRANetwork(text_encoders, unet, ranks, multiplier, dropout=neuron_dropout, rank_dropout=config.rank_dropout,
                           module_dropout=config.module_dropout, targets=targets)
     network.set_loraplus_lr_ratio(config.loraplus_lr_ratio, config.loraplus_unet_lr_ratio, config.loraplus_text_encoder_lr_ratio)
+    if config.verbose:
+        network.log_modules()
     return network

@@ -5,6 +5,11 @@ block ids) registered against the model classes it applies to. `networks/lora.py
 generic network that walks these targets. Adding SDXL or SD3 means adding entries to
 `DENOISER_TARGETS` / `TEXT_ENCODER_TARGETS`, nothing else.
 
+Layers are found in containers named by class (`container_classes`) or by module path
+(`container_path`, for models whose block classes are ours to name, e.g. MMDiT's joint blocks), plus
+opt-in layers outside them (`opt_in_roots`: SD3's embedders and final layer, trained only through
+`emb_dims`). A layer's `part` lets per-part ranks (SD3's `x_attn_dim` & co.) override the base rank.
+
 Classes are matched with `isinstance`, but only against modules that are already imported: a model
 object of class X implies X's module is loaded, so matching never imports diffusers or a model file.
 """
@@ -31,7 +36,7 @@ class ModuleTargets:
     """The LoRA layout of one model (a denoiser or one text encoder).
 
     Every `nn.Linear` and 1x1 `nn.Conv2d` inside a module whose class name is in `container_classes`
-    gets a LoRA. When conv LoRA is on (`conv_dim`, `conv_block_dims` or a file with conv weights),
+    (or whose path fully matches `container_path`) gets a LoRA. When conv LoRA is on (`conv_dim`, `conv_block_dims` or a file with conv weights),
     the layers inside `conv_container_classes` are added too: their kxk convs get the conv rank and
     their Linear / 1x1 convs the base rank (sd-scripts' C3Lier adds ResNet `time_emb_proj` and
     `conv_shortcut` that way).
@@ -45,6 +50,30 @@ class ModuleTargets:
     # that dotted LoRA path -> block id for block_dims (None: not in any numbered block)
     block_index: Callable[[str], int | None] | None = None
     block_names: tuple[str, ...] = ()  # one name per block id, for messages and --network_args docs
+    container_path: str | None = None  # regex on module paths, for containers known by place, not class
+    # LoRA path -> part name; "<part>_dim" --network_args override the rank of that part's layers
+    part_of: Callable[[str], str | None] | None = None
+    part_names: tuple[str, ...] = ()
+    # Module paths outside the containers whose layers get a LoRA only when `emb_dims` ranks them, in
+    # emb_dims order. Every Linear or Conv2d under them counts, whatever its kernel.
+    opt_in_roots: tuple[str, ...] = ()
+    # The boolean --network_args that must be "True" for this layout to be used at all (else: no LoRA).
+    enabled_by: str | None = None
+    # Whether `train_block_indices` may restrict training to some numbered blocks.
+    block_selection: bool = False
+    # --network_args this family takes beyond the generic ones (parsed in networks/lora_config.py).
+    family_args: frozenset[str] = frozenset()
+
+    def accepted_args(self) -> frozenset[str]:
+        """Family-specific --network_args names this layout gives a meaning to."""
+        names = set(self.family_args) | {f"{part}_dim" for part in self.part_names}
+        if self.opt_in_roots:
+            names.add("emb_dims")
+        if self.block_selection:
+            names.add("train_block_indices")
+        if self.enabled_by:
+            names.add(self.enabled_by)
+        return frozenset(names)
 
 
 @dataclass(frozen=True)
@@ -55,6 +84,8 @@ class TargetLayer:
     module: nn.Module  # nn.Linear or nn.Conv2d
     block_index: int | None
     is_conv_kxk: bool  # a conv with a kernel larger than 1x1: ranked by conv_dim, not network_dim
+    part: str | None = None  # the layout's part name, or the opt-in root for opt-in layers
+    opt_in: bool = False  # outside the containers: only trained when given a rank explicitly
 
 
 @dataclass(frozen=True)
@@ -72,6 +103,18 @@ class NetworkTargets:
 
     denoiser: ModuleTargets | None
     text_encoders: tuple[ModuleTargets | None, ...]
+
+    def accepted_args(self) -> frozenset[str]:
+        """Family-specific --network_args any of these layouts takes."""
+        layouts = [self.denoiser, *self.text_encoders]
+        return frozenset().union(*(layout.accepted_args() for layout in layouts if layout is not None))
+
+    def enabled(self, switches: frozenset[str]) -> NetworkTargets:
+        """These layouts without the opt-in ones whose switch (`enabled_by`) is not in `switches`."""
+        def keep(layout: ModuleTargets | None) -> ModuleTargets | None:
+            return None if layout is None or (layout.enabled_by and layout.enabled_by not in switches) else layout
+
+        return NetworkTargets(keep(self.denoiser), tuple(keep(layout) for layout in self.text_encoders))
 
 
 _DIFFUSERS_UNET_PART = re.compile(r"^(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)")
@@ -131,6 +174,50 @@ CLIP_TEXT_TARGETS = ModuleTargets(
     lora_path=_clip_lora_path,
 )
 
+# T5-XXL (SD3's third text encoder) is trained only with --network_args train_t5xxl=True, as sd-scripts.
+# Its HF module paths are the LoRA paths ComfyUI maps from `t5xxl.transformer.*`.
+T5_TEXT_TARGETS = ModuleTargets(
+    prefix="lora_te",
+    container_classes=frozenset({"T5Attention", "T5DenseGatedActDense"}),
+    enabled_by="train_t5xxl",
+)
+
+_JOINT_BLOCK = re.compile(r"^joint_blocks\.(\d+)\.")
+_MMDIT_PART = re.compile(r"^joint_blocks\.\d+\.(context|x)_block\.(attn2?|mlp|adaLN_modulation)\.")
+_MMDIT_PART_KIND = {"attn": "attn", "attn2": "attn", "mlp": "mlp", "adaLN_modulation": "mod"}
+
+# sd-scripts' per-part rank args are "<part>_dim"; x_block.attn2 (SD3.5 Medium) counts as x_attn.
+MMDIT_PARTS = ("context_attn", "context_mlp", "context_mod", "x_attn", "x_mlp", "x_mod")
+# In sd-scripts' emb_dims order; x_embedder.proj is the 2x2 patch conv.
+MMDIT_EMBEDDING_ROOTS = ("context_embedder", "t_embedder", "x_embedder", "y_embedder",
+                         "final_layer.adaLN_modulation", "final_layer.linear")
+
+
+def mmdit_block_index(path: str) -> int | None:
+    """Joint-block number of an MMDiT layer path (None for embedders and the final layer)."""
+    match = _JOINT_BLOCK.match(path)
+    return int(match.group(1)) if match else None
+
+
+def mmdit_part(path: str) -> str | None:
+    """Which per-part rank arg governs an MMDiT layer: "x_attn", "context_mod", ... (None outside joint blocks)."""
+    match = _MMDIT_PART.match(path)
+    return f"{match.group(1)}_{_MMDIT_PART_KIND[match.group(2)]}" if match else None
+
+
+# Every Linear of every joint block; module paths are the checkpoint keys, so they are the LoRA paths.
+MMDIT_TARGETS = ModuleTargets(
+    prefix="lora_unet",
+    container_classes=frozenset(),
+    container_path=r"joint_blocks\.\d+",
+    block_index=mmdit_block_index,
+    part_of=mmdit_part,
+    part_names=MMDIT_PARTS,
+    opt_in_roots=MMDIT_EMBEDDING_ROOTS,
+    block_selection=True,
+    family_args=frozenset({"split_qkv"}),
+)
+
 DENOISER_TARGETS: tuple[FamilyEntry, ...] = (
     FamilyEntry("SD1/2 U-Net", ("library.models.sd_unet:SdUNet",), SD_UNET_TARGETS),
     FamilyEntry(
@@ -138,6 +225,7 @@ DENOISER_TARGETS: tuple[FamilyEntry, ...] = (
         ("diffusers.models.unets.unet_2d_condition:UNet2DConditionModel",),
         DIFFUSERS_SD_UNET_TARGETS,
     ),
+    FamilyEntry("SD3 MMDiT", ("library.models.mmdit:MMDiT",), MMDIT_TARGETS),
 )
 
 TEXT_ENCODER_TARGETS: tuple[FamilyEntry, ...] = (
@@ -149,6 +237,7 @@ TEXT_ENCODER_TARGETS: tuple[FamilyEntry, ...] = (
         ),
         CLIP_TEXT_TARGETS,
     ),
+    FamilyEntry("T5 text encoder", ("transformers.models.t5.modeling_t5:T5EncoderModel",), T5_TEXT_TARGETS),
 )
 
 
@@ -193,28 +282,49 @@ def _is_conv_kxk(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
 
 
-def _adaptable_layers(model: nn.Module, containers: frozenset[str]) -> Iterator[tuple[str, nn.Module]]:
+def _adaptable_layers(model: nn.Module, targets: ModuleTargets,
+                      containers: frozenset[str]) -> Iterator[tuple[str, nn.Module]]:
+    by_path = re.compile(targets.container_path) if targets.container_path else None
     for path, module in model.named_modules():
-        if type(module).__name__ not in containers:
+        if type(module).__name__ not in containers and not (by_path and by_path.fullmatch(path)):
             continue
         for child_path, child in module.named_modules(prefix=path):
             if _is_adaptable(child):
                 yield child_path, child
 
 
+def _opt_in_layers(model: nn.Module, roots: Sequence[str]) -> Iterator[tuple[str, str, nn.Module]]:
+    for root in roots:
+        try:
+            module = model.get_submodule(root)
+        except AttributeError:
+            continue  # a variant without this part
+        for child_path, child in module.named_modules(prefix=root):
+            if _is_adaptable(child):
+                yield root, child_path, child
+
+
 def find_target_layers(model: nn.Module, targets: ModuleTargets, prefix: str, with_conv: bool) -> list[TargetLayer]:
-    """Every layer of `model` that the layout adapts, in module order, each once.
+    """Every layer of `model` that the layout adapts, in module order, each once; then the opt-in layers.
 
     Linear / 1x1 layers in the conv containers come too when `with_conv`; whether a layer finally
-    gets a LoRA is the rank plan's call (rank 0 skips it).
+    gets a LoRA is the rank plan's call (rank 0 or None skips it).
     """
     containers = targets.container_classes | (targets.conv_container_classes if with_conv else frozenset())
     layers: dict[str, TargetLayer] = {}
-    for path, module in _adaptable_layers(model, containers):
+    for path, module in _adaptable_layers(model, targets, containers):
         if path in layers:
             continue  # nested containers reach the same layer twice
         lora_path = targets.lora_path(model, path)
         block = targets.block_index(lora_path) if targets.block_index is not None else None
-        name = f"{prefix}_{lora_path.replace('.', '_')}"
-        layers[path] = TargetLayer(name, module, block, _is_conv_kxk(module))
+        part = targets.part_of(lora_path) if targets.part_of is not None else None
+        layers[path] = TargetLayer(_lora_name(prefix, lora_path), module, block, _is_conv_kxk(module), part)
+    for root, path, module in _opt_in_layers(model, targets.opt_in_roots):
+        if path not in layers:
+            lora_path = targets.lora_path(model, path)
+            layers[path] = TargetLayer(_lora_name(prefix, lora_path), module, None, _is_conv_kxk(module), root, opt_in=True)
     return list(layers.values())
+
+
+def _lora_name(prefix: str, lora_path: str) -> str:
+    return f"{prefix}_{lora_path.replace('.', '_')}"

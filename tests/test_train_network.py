@@ -179,8 +179,11 @@ def test_prefill_tools_write_the_caches_training_reuses(argv, dataset):
     assert _cache_files(images) == prefilled  # training found every file valid and encoded nothing
 
 
-def test_bf16_mixed_precision_with_bf16_lora(argv, tmp_path):
+@pytest.mark.parametrize("lora_precision", [(), ("--full_bf16",)], ids=["fp32_lora", "bf16_lora"])
+def test_bf16_mixed_precision_trains_text_encoder_and_unet(argv, tmp_path, lora_precision):
+    """bf16 base weights with fp32 (or bf16) LoRA weights in both the text encoder and the U-Net."""
     out = tmp_path / "bf16"
-    train(*argv("--mixed_precision=bf16", "--full_bf16", "--save_precision=float", output=out))
+    train(*argv("--mixed_precision=bf16", *lora_precision, "--save_precision=float", output=out))
     tensors = lora_tensors(out / "lora.safetensors")
+    assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())

@@ -1,0 +1,151 @@
+"""LoRA training for Stable Diffusion 3 Medium, 3.5 Medium and 3.5 Large (sd-scripts' sd3_train_network.py command line).
+
+    accelerate launch sd3_train_network.py --pretrained_model_name_or_path sd3.5_medium.safetensors \
+        [--clip_l … --clip_g … --t5xxl …] --dataset_config data.toml --output_dir out --network_module networks.lora ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from library.args import UNSUPPORTED, parse_args, setup_parser_for
+from library.args_groups import SD3_FLAGS, TRAINING_FLAGS
+from library.console import exit_on_user_error, setup_logging
+from library.diffusion.flow_matching import FlowMatchingLossConfig, flow_matching_loss
+from library.fingerprint import file_identity
+from library.models.checkpoint import CheckpointError
+from library.models.sd3_loading import check_sd3_files, load_sd3_models
+from library.models.sd3_text import Sd3TextOptions, dropout_masks, encode_sd3, sd3_conditioning, tokenize_sd3
+from library.models.tokenizers import TokenizerUnavailable, load_sd3_tokenizers
+from library.run_config import SampleConfig
+from library.sample_images import cfg, flow_latents, generate_samples
+from library.sample_prompts import SamplePrompt
+from library.trainer import Models, NetworkTrainer, TrainingDiverged
+
+logger = logging.getLogger(__name__)
+
+VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609
+SAMPLING_SHIFT = 3.0  # the shift SD3's released scheduler config uses at inference
+
+_DDPM_ONLY = "SD3 is a flow-matching model; this option belongs to the DDPM models (SD1/2, SDXL)"
+SD3_UNSUPPORTED = {
+    **{k: v for k, v in UNSUPPORTED.items() if k not in ("fp8_base", "fp8_base_unet", "cpu_offload_checkpointing")},
+    "save_clip": "LoRA training never saves the text encoders (full fine-tuning flag)",
+    "save_t5xxl": "LoRA training never saves the text encoders (full fine-tuning flag)",
+    **{flag: _DDPM_ONLY for flag in (
+        "v2", "v_parameterization", "zero_terminal_snr", "scale_v_pred_loss_like_noise_pred", "noise_offset",
+        "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
+        "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_snr_gamma", "debiased_estimation_loss")}, "clip_skip": "SD3 always uses the penultimate CLIP layers",
+    "max_token_length": "SD3 uses 77 CLIP tokens; set the T5 length with --t5xxl_max_token_length",
+}
+
+
+class Sd3NetworkTrainer(NetworkTrainer):
+    """The SD3 hooks: three text encoders, a 16-channel VAE and the flow-matching loss."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.text_options = Sd3TextOptions.from_args(args)
+        self.loss_config = FlowMatchingLossConfig.from_args(args)
+        self.dropout_rates = (args.clip_l_dropout_rate, args.clip_g_dropout_rate, args.t5_dropout_rate)
+
+    def check_model_files(self, args: argparse.Namespace) -> None:
+        check_sd3_files(args.pretrained_model_name_or_path or "", clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
+                        vae=args.vae)
+
+    def load_models(self, args: argparse.Namespace) -> Models:
+        tokenizers = load_sd3_tokenizers(args.tokenizer_cache_dir)
+        loaded = load_sd3_models(args.pretrained_model_name_or_path, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
+                                 vae=args.vae, mmap=not args.disable_mmap_load_safetensors)
+        logger.info("loaded %s MMDiT (%s)", loaded.variant, loaded.mmdit_config)
+        encoders = [loaded.text.clip_l, loaded.text.clip_g] + ([loaded.text.t5xxl] if loaded.text.t5xxl is not None else [])
+        return Models(denoiser=loaded.mmdit, vae=loaded.vae, text_encoders=encoders, tokenizers=tokenizers,
+                      extra={"variant": loaded.variant, "text": loaded.text})
+
+    def cache_producers(self, args: argparse.Namespace) -> tuple[str, str]:
+        checkpoint = file_identity(args.pretrained_model_name_or_path)
+        precision = "fp32" if args.no_half_vae or args.mixed_precision == "no" else args.mixed_precision
+        latents = f"sd3-vae:{file_identity(args.vae) if args.vae else checkpoint}:{precision}"
+        encoders = ";".join(file_identity(p) if p else checkpoint for p in (args.clip_l, args.clip_g, args.t5xxl))
+        options = self.text_options
+        text = (f"sd3-text:{encoders}:t5_max_length={options.t5_max_length}:lg_mask={options.apply_lg_attn_mask}"
+                f":t5_mask={options.apply_t5_attn_mask}")
+        return latents, text
+
+    def encode_images(self, models: Models, images: torch.Tensor) -> torch.Tensor:
+        return (models.vae.encode(images).sample() - VAE_SHIFT) * VAE_SCALE
+
+    def encode_text(self, models: Models, captions: list[str]) -> dict[str, torch.Tensor]:
+        tokens = tokenize_sd3(models.tokenizers, captions, self.text_options)
+        return encode_sd3(models.extra["text"], tokens, self.text_options)
+
+    def compute_loss(self, models: Models, batch: dict, latents: torch.Tensor, text: dict[str, torch.Tensor],
+                     generator: torch.Generator | None) -> torch.Tensor:
+        clip_l_rate, clip_g_rate, t5_rate = self.dropout_rates
+        drops = dropout_masks(latents.shape[0], clip_l_rate=clip_l_rate, clip_g_rate=clip_g_rate, t5_rate=t5_rate,
+                              generator=generator)
+        context, pooled = sd3_conditioning(text, clip_l_drop=drops[0], clip_g_drop=drops[1], t5_drop=drops[2])
+        context, pooled = context.to(latents.dtype), pooled.to(latents.dtype)
+
+        def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return models.denoiser(noisy, timesteps, context, pooled)
+
+        return flow_matching_loss(denoise, latents, config=self.loss_config, loss_weights=batch["loss_weights"],
+                                  alpha_masks=batch["alpha_masks"], generator=generator)
+
+    def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
+        def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
+            context, pooled = sd3_conditioning(self.encode_text(models, [prompt.prompt, prompt.negative_prompt]))
+            (cond_c, uncond_c), (cond_p, uncond_p) = context.chunk(2), pooled.chunk(2)
+            guided = cfg(lambda x, t, c: models.denoiser(x, t, c[0], c[1]), (cond_c, cond_p), (uncond_c, uncond_p), prompt.cfg_scale)
+            return flow_latents(prompt, generator, guided=guided, channels=16, shift=SAMPLING_SHIFT)
+
+        return generate_samples(sample, step=step, epoch=epoch, device=device, render=render,
+                                decode=lambda z: models.vae.decode((z / VAE_SCALE + VAE_SHIFT).to(models.vae.dtype)))
+
+    def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
+        from library.metadata import modelspec_metadata
+
+        variant = models.extra["variant"]
+        architecture = {"sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3.5-medium",
+                        "sd3.5-large": "stable-diffusion-3.5-large"}[variant]
+        meta = {"ss_base_model_version": variant.replace("-", "_"), "ss_apply_lg_attn_mask": str(args.apply_lg_attn_mask),
+                "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask), "ss_weighting_scheme": args.weighting_scheme,
+                "ss_logit_mean": str(args.logit_mean), "ss_logit_std": str(args.logit_std), "ss_mode_scale": str(args.mode_scale),
+                "ss_training_shift": str(args.training_shift), "ss_t5xxl_max_token_length": str(args.t5xxl_max_token_length)}
+        meta.update(modelspec_metadata(
+            architecture=f"{architecture}/lora", implementation="https://github.com/Stability-AI/sd3.5",
+            title=args.metadata_title or args.output_name or "last", resolution=args.resolution or "1024",
+            prediction_type=None, timestamp=_now(), author=args.metadata_author, description=args.metadata_description,
+            license=args.metadata_license, tags=args.metadata_tags, usage_hint=args.metadata_usage_hint,
+            thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from,
+            trigger_phrase=args.metadata_trigger_phrase, preprocessor=args.metadata_preprocessor,
+            is_negative_embedding=args.metadata_is_negative_embedding))
+        return meta
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def setup_parser() -> argparse.ArgumentParser:
+    return setup_parser_for(TRAINING_FLAGS, SD3_FLAGS, unsupported=SD3_UNSUPPORTED, prog="sd3_train_network.py",
+                            description="Train a LoRA for Stable Diffusion 3 / 3.5.")
+
+
+USER_ERRORS = (ValueError, OSError, CheckpointError, TokenizerUnavailable, TrainingDiverged)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(setup_parser(), argv)
+    setup_logging(args)
+    exit_on_user_error(lambda: Sd3NetworkTrainer(args).train(args), USER_ERRORS)
+
+
+if __name__ == "__main__":
+    main()
