@@ -72,6 +72,8 @@ class SdNetworkTrainer(NetworkTrainer):
     def compute_loss(self, models: Models, batch: dict, latents: torch.Tensor, text: dict[str, torch.Tensor],
                      generator: torch.Generator | None) -> torch.Tensor:
         context = text["hidden_states"].to(latents.dtype)
+        if self.schedule.alphas_cumprod.device != latents.device:
+            self.schedule = self.schedule.to(latents.device)
 
         def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
             return models.denoiser(noisy, timesteps, context)

@@ -135,7 +135,7 @@ def test_square_latent_at_full_grid_matches_diffusers(tiny_pair):
     assert relative_error(actual, expected) < 1e-4
 
 
-def test_every_inputs_matters(tiny_pair):
+def test_every_input_matters(tiny_pair):
     """Each conditioning input reaches the output (a dropped one would still match at one setting)."""
     config, ours, _ = tiny_pair
     inputs = make_inputs(config, seed=4)
@@ -246,7 +246,8 @@ def test_cpu_offload_saves_each_block_input_through_save_on_cpu(monkeypatch):
             pack = self.pack_hook
 
             def recording_pack(tensor):
-                packed_shapes.append(tuple(tensor.shape))
+                if tensor.numel():  # some torch versions also save an empty placeholder per checkpoint
+                    packed_shapes.append(tuple(tensor.shape))
                 return pack(tensor)
 
             self.pack_hook = recording_pack

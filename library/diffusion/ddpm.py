@@ -70,6 +70,11 @@ class DdpmSchedule:
         rescaled = torch.cumprod(1.0 - rescale_betas_zero_terminal_snr(betas), dim=0)
         return cls(alphas_cumprod=rescaled, weighting_alphas_cumprod=original)
 
+    def to(self, device: torch.device | str) -> "DdpmSchedule":
+        """The same schedule with its tables on `device` (indexing them there avoids a copy every step)."""
+        weighting = None if self.weighting_alphas_cumprod is None else self.weighting_alphas_cumprod.to(device)
+        return DdpmSchedule(self.alphas_cumprod.to(device), weighting)
+
     @property
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.shape[0]
