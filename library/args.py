@@ -69,7 +69,6 @@ UNSUPPORTED: Mapping[str, str] = MappingProxyType({
     "v_pred_like_loss": "the v-prediction-like loss is not implemented yet",
     "fp8_base": "fp8 base weights are supported for SD3 only (later)",
     "fp8_base_unet": "fp8 base weights are supported for SD3 only (later)",
-    "cpu_offload_checkpointing": "CPU offload of checkpointed activations is for SD3 only (later)",
     "fused_backward_pass": "the fused backward pass is for full fine-tuning; LoRA training does not use it",
 })
 """Flags of train_network.py that this trainer rejects, each with the one-line reason the user sees.
@@ -402,11 +401,19 @@ def _conflicts(args: argparse.Namespace) -> Iterator[str]:
     yield from _network_conflicts(args)
     yield from _saving_conflicts(args)
     yield from _noise_conflicts(args)
+    yield from _memory_conflicts(args)
     if args.resolution is not None:
         try:
             parse_resolution(args.resolution)
         except ValueError as error:
             yield str(error)
+
+
+def _memory_conflicts(args: argparse.Namespace) -> Iterator[str]:
+    if args.cpu_offload_checkpointing and not args.gradient_checkpointing:
+        yield "--cpu_offload_checkpointing offloads what gradient checkpointing keeps; add --gradient_checkpointing"
+    if args.cpu_offload_checkpointing and getattr(args, "blocks_to_swap", None):
+        yield "--blocks_to_swap and --cpu_offload_checkpointing both move data over the same bus; use one of them"
 
 
 def _range_problems(args: argparse.Namespace) -> Iterator[str]:

@@ -123,7 +123,7 @@ class NetworkTrainer:
             if not args.cache_text_encoder_outputs:
                 encoder.to(device, dtype=weight_dtype)
         if args.gradient_checkpointing:
-            models.denoiser.set_gradient_checkpointing(True)
+            models.denoiser.set_gradient_checkpointing(True, cpu_offload=args.cpu_offload_checkpointing)
             if train_text_encoder:
                 for encoder in models.text_encoders:
                     encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -288,7 +288,9 @@ def test_cpu_offload_keeps_checkpointed_inputs_off_the_gpu():
 
 
 @pytest.mark.parametrize(
-    "config", [SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, *TINY_CONFIGS.values()], ids=["sd3m", "sd35l", "sd35m", *TINY_CONFIGS]
+    "config",
+    [SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, *TINY_CONFIGS.values()],
+    ids=["sd3m", "sd35l", "sd35m", *TINY_CONFIGS],
 )
 def test_infer_config_round_trip(config):
     with torch.device("meta"):
@@ -310,7 +312,11 @@ def test_released_variants_facts():
         "sd35l": (38, 2432, "rms", ()),
         "sd35m": (24, 1536, "rms", tuple(range(13))),
     }
-    assert (SD3_MEDIUM.pos_embed_max_size, SD35_LARGE.pos_embed_max_size, SD35_MEDIUM.pos_embed_max_size) == (192, 192, 384)
+    assert (SD3_MEDIUM.pos_embed_max_size, SD35_LARGE.pos_embed_max_size, SD35_MEDIUM.pos_embed_max_size) == (
+        192,
+        192,
+        384,
+    )
 
 
 @pytest.mark.parametrize("config", [SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM], ids=["sd3m", "sd35l", "sd35m"])

@@ -270,3 +270,30 @@ def test_gradient_checkpointing_recomputes_blocks_with_identical_grads():
     calls.clear()
     model(x, t, context).sum().backward()
     assert len(calls) == 1  # no recomputation outside training
+
+
+def test_cpu_offload_checkpointing_gives_identical_grads(monkeypatch):
+    """The checkpointed blocks' saved inputs go through save_on_cpu, and gradients do not change."""
+    from library.models import checkpointing
+
+    config = SdUNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,), context_dim=16)
+    torch.manual_seed(0)
+    model = SdUNet(config).train()
+    randomize_(model, seed=3)
+    x, t, ctx = torch.randn(1, 4, 8, 8), torch.tensor([500]), torch.randn(1, 5, 16)
+
+    def grads() -> list[torch.Tensor]:
+        model.zero_grad()
+        model(x, t, ctx).square().mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    plain = grads()
+    offloads = []
+    real = torch.autograd.graph.save_on_cpu
+    monkeypatch.setattr(checkpointing.torch.autograd.graph, "save_on_cpu",
+                        lambda **kw: offloads.append(kw) or real(**kw))
+    model.set_gradient_checkpointing(True, cpu_offload=True)
+    offloaded = grads()
+    assert len(offloads) == len(model.input_blocks) + 1 + len(model.output_blocks)
+    for a, b in zip(plain, offloaded):
+        torch.testing.assert_close(a, b)

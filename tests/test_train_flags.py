@@ -181,3 +181,10 @@ def test_masked_loss_uses_alpha_masks(run, tmp_path):
 def test_no_metadata_keeps_only_the_minimum(run):
     meta = lora_metadata(run("--no_metadata") / "lora.safetensors")
     assert "ss_network_dim" in meta and "ss_tag_frequency" not in meta and "ss_dataset_dirs" not in meta
+
+
+def test_cpu_offload_checkpointing_trains_like_plain_checkpointing(run):
+    plain = lora_tensors(run("--gradient_checkpointing", output="plain") / "lora.safetensors")
+    offloaded = lora_tensors(run("--gradient_checkpointing", "--cpu_offload_checkpointing", output="off") / "lora.safetensors")
+    for key in plain:
+        torch.testing.assert_close(offloaded[key], plain[key])

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
+from library.models.checkpointing import checkpointed
 from library.models.sd_unet import timestep_embedding
 
 # Every released MMDiT uses 64 channels per attention head; checkpoints without qk norm do not store it.
@@ -65,16 +65,12 @@ class MMDiTConfig:
 
     def __post_init__(self) -> None:
         if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"MMDiTConfig: hidden_size {self.hidden_size} does not split into {self.num_heads} heads"
-            )
+            raise ValueError(f"MMDiTConfig: hidden_size {self.hidden_size} does not split into {self.num_heads} heads")
         if self.qk_norm not in (None, "rms"):
             raise ValueError(f"MMDiTConfig.qk_norm must be None or 'rms', got {self.qk_norm!r}")
         outside = [i for i in self.x_block_self_attn_layers if not 0 <= i < self.depth]
         if outside:
-            raise ValueError(
-                f"MMDiTConfig.x_block_self_attn_layers {outside} outside the {self.depth} joint blocks"
-            )
+            raise ValueError(f"MMDiTConfig.x_block_self_attn_layers {outside} outside the {self.depth} joint blocks")
 
     @property
     def head_dim(self) -> int:
@@ -140,7 +136,9 @@ class TimestepEmbedder(nn.Module):
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(self.frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+        self.mlp = nn.Sequential(
+            nn.Linear(self.frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
 
     def forward(self, timesteps: Tensor) -> Tensor:
         frequencies = timestep_embedding(timesteps, self.frequency_dim)  # float32, same sinusoids as ldm
@@ -322,12 +320,7 @@ class MMDiT(nn.Module):
     def _run_block(self, block: JointBlock, x: Tensor, context: Tensor, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return block(x, context, c)
-        if not self.cpu_offload_checkpointing:
-            return checkpoint(block, x, context, c, use_reentrant=False)
-        # Non-reentrant checkpointing saves the block inputs through the saved-tensor hooks active at call
-        # time, so wrapping the call moves exactly those inputs to the CPU (pinned when they come from CUDA).
-        with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
-            return checkpoint(block, x, context, c, use_reentrant=False)
+        return checkpointed(block, x, context, c, cpu_offload=self.cpu_offload_checkpointing)
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch rows and columns for a (height, width) latent; checks it fits the position grid."""
@@ -398,9 +391,7 @@ def infer_mmdit_config(state_dict: Mapping[str, Tensor]) -> MMDiTConfig:
         context_in_dim=state_dict["context_embedder.weight"].shape[1],
         pos_embed_max_size=_grid_side(state_dict["pos_embed"].shape[1]),
         qk_norm=None if ln_q is None else "rms",
-        x_block_self_attn_layers=tuple(
-            sorted({int(key.split(".")[1]) for key in state_dict if key.startswith("joint_blocks.") and ".x_block.attn2." in key})
-        ),
+        x_block_self_attn_layers=_self_attention_layers(state_dict),
         mlp_ratio=state_dict["joint_blocks.0.x_block.mlp.fc1.weight"].shape[0] / hidden_size,
     )
 
@@ -410,6 +401,14 @@ def _count_joint_blocks(state_dict: Mapping[str, Tensor]) -> int:
     if not indices or indices != set(range(len(indices))):
         raise ValueError(f"MMDiT state dict: joint_blocks indices {sorted(indices)} are not 0..N-1")
     return len(indices)
+
+
+def _self_attention_layers(state_dict: Mapping[str, Tensor]) -> tuple[int, ...]:
+    """Blocks whose image stream stores MMDiT-X's extra self-attention (``x_block.attn2.*``)."""
+    layers = {
+        int(key.split(".")[1]) for key in state_dict if key.startswith("joint_blocks.") and ".x_block.attn2." in key
+    }
+    return tuple(sorted(layers))
 
 
 def _grid_side(tokens: int) -> int:

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
+
+from library.models.checkpointing import checkpointed
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,7 @@ class SdUNet(nn.Module):
         super().__init__()
         self.config = config
         self.gradient_checkpointing = False
+        self.cpu_offload_checkpointing = False
         mc = config.model_channels
         emb_channels = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
@@ -321,13 +323,15 @@ class SdUNet(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         return nn.ModuleList(blocks)
 
-    def set_gradient_checkpointing(self, enabled: bool) -> None:
-        """Recompute each input/middle/output block in backward instead of storing its activations."""
+    def set_gradient_checkpointing(self, enabled: bool, cpu_offload: bool = False) -> None:
+        """Recompute each input/middle/output block in backward instead of storing its activations;
+        with cpu_offload the block inputs that checkpointing keeps wait in CPU memory."""
         self.gradient_checkpointing = enabled
+        self.cpu_offload_checkpointing = enabled and cpu_offload
 
     def _run_block(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpoint(block, h, emb, context, use_reentrant=False)
+            return checkpointed(block, h, emb, context, cpu_offload=self.cpu_offload_checkpointing)
         return block(h, emb, context)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
