@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +22,13 @@ from torch import Tensor, nn
 
 from library.saving import save_lora_file
 from networks.lora_config import LoRAConfig, NetworkArgsError, RankPlan, rank_args_in
-from networks.lora_targets import ModuleTargets, NetworkTargets, TargetLayer, find_target_layers, resolve_targets
+from networks.lora_targets import (
+    ModuleTargets,
+    NetworkTargets,
+    TargetLayer,
+    find_target_layers,
+    resolve_targets,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +171,12 @@ class LoRANetwork(nn.Module):
                  targets: NetworkTargets | None = None):
         super().__init__()
         text_encoders = _as_list(text_encoder)
-        targets = targets or resolve_targets(text_encoders, unet)
+        # Layouts behind a switch (T5: train_t5xxl) stay off unless the caller passes targets with them on.
+        targets = targets or resolve_targets(text_encoders, unet).enabled(frozenset())
         self.multiplier = multiplier
         self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
-        make = dict(ranks=ranks, multiplier=multiplier, dropout=dropout, rank_dropout=rank_dropout,
-                    module_dropout=module_dropout)
+        make = {"ranks": ranks, "multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout,
+                "module_dropout": module_dropout}
         self.text_encoder_groups: list[list[LoRAModule]] = []
         self.skipped_names: list[str] = []  # targeted layers that a rank of 0 leaves alone (for verbose logs)
         for i, (encoder, layout) in enumerate(zip(text_encoders, targets.text_encoders)):

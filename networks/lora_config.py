@@ -10,8 +10,9 @@ where the model's target layout declares them (`ModuleTargets.accepted_args`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from networks.lora_targets import ModuleTargets, TargetLayer
 
@@ -92,7 +93,8 @@ def _emb_dims(kwargs: Mapping[str, Any], roots: Sequence[str]) -> dict[str, int]
     try:
         dims = [int(str(item).strip()) for item in items]
     except ValueError:
-        raise NetworkArgsError(f"--network_args emb_dims={value!r}: expected {len(roots)} comma-separated integers ({names})") from None
+        raise NetworkArgsError(
+            f"--network_args emb_dims={value!r}: expected {len(roots)} comma-separated integers ({names})") from None
     if len(dims) != len(roots) or min(dims) < 0:
         raise NetworkArgsError(f"--network_args emb_dims={value!r}: expected {len(roots)} ranks >= 0 ({names})")
     return dict(zip(roots, dims))

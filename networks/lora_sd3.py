@@ -5,6 +5,11 @@ Our one `networks.lora` already serves SD3 (the MMDiT and T5 layouts live in
 points there: the same functions, hence the same files and metadata.
 """
 
-from networks.lora import LoRAModule, LoRANetwork, create_network, create_network_from_weights
+from networks.lora import (
+    LoRAModule,
+    LoRANetwork,
+    create_network,
+    create_network_from_weights,
+)
 
 __all__ = ["LoRAModule", "LoRANetwork", "create_network", "create_network_from_weights"]

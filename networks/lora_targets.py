@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 from torch import nn
 
@@ -36,10 +36,10 @@ class ModuleTargets:
     """The LoRA layout of one model (a denoiser or one text encoder).
 
     Every `nn.Linear` and 1x1 `nn.Conv2d` inside a module whose class name is in `container_classes`
-    (or whose path fully matches `container_path`) gets a LoRA. When conv LoRA is on (`conv_dim`, `conv_block_dims` or a file with conv weights),
-    the layers inside `conv_container_classes` are added too: their kxk convs get the conv rank and
-    their Linear / 1x1 convs the base rank (sd-scripts' C3Lier adds ResNet `time_emb_proj` and
-    `conv_shortcut` that way).
+    (or whose path fully matches `container_path`) gets a LoRA. When conv LoRA is on (`conv_dim`,
+    `conv_block_dims` or a file with conv weights), the layers inside `conv_container_classes` are
+    added too: their kxk convs get the conv rank and their Linear / 1x1 convs the base rank
+    (sd-scripts' C3Lier adds ResNet `time_emb_proj` and `conv_shortcut` that way).
     """
 
     prefix: str  # "lora_unet", "lora_te" (numbered lora_te1, lora_te2, ... when a model has several)
@@ -78,7 +78,7 @@ class ModuleTargets:
 
 @dataclass(frozen=True)
 class TargetLayer:
-    """One layer that gets a LoRA."""
+    """One layer a layout targets; the rank plan decides whether it gets a LoRA."""
 
     lora_name: str
     module: nn.Module  # nn.Linear or nn.Conv2d

@@ -165,6 +165,7 @@ _COMPANIONS = {
     "save_last_n_steps_state": ["--save_every_n_steps", "10", "--save_state"],
     "adaptive_noise_scale": ["--noise_offset", "0.1"], "scale_v_pred_loss_like_noise_pred": ["--v_parameterization"],
     "dim_from_weights": ["--network_weights", "old.safetensors"],
+    "cpu_offload_checkpointing": ["--gradient_checkpointing"],
 }
 _SAMPLE_OVERRIDES = {"resolution": "512,768", "min_timestep": "100", "max_timestep": "900"}
 

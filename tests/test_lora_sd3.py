@@ -12,7 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
 from library.models.mmdit import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
 from networks.lora import LoRANetwork, create_network, create_network_from_weights
@@ -267,7 +272,8 @@ def _run(encoders: list[nn.Module], mmdit: MMDiT) -> list[Tensor]:
         return texts + [mmdit(latents, torch.tensor([30.0, 870.0]), context, y)]
 
 
-SD3_ARGS = dict(emb_dims="2,3,4,5,6,7", x_attn_dim="6", context_mod_dim="3", train_block_indices="0,2", train_t5xxl="True")
+SD3_ARGS = {"emb_dims": "2,3,4,5,6,7", "x_attn_dim": "6", "context_mod_dim": "3", "train_block_indices": "0,2",
+            "train_t5xxl": "True"}
 
 
 def _trained_network(encoders, mmdit) -> LoRANetwork:
@@ -287,7 +293,7 @@ def test_save_load_round_trip_keeps_names_ranks_and_t5(tmp_path):
     assert {tensor.dtype for tensor in saved.values()} == {torch.bfloat16}
 
     fresh_encoders, fresh_mmdit = _tiny_models()
-    restored, weights = create_network_from_weights(0.8, str(path), None, fresh_encoders, fresh_mmdit)
+    restored, _ = create_network_from_weights(0.8, str(path), None, fresh_encoders, fresh_mmdit)
     assert restored.train_t5xxl  # T5 modules come back from the file without train_t5xxl=True
     expected = {k: (v.shape, float(v) if k.endswith("alpha") else None) for k, v in network.state_dict().items()}
     assert {k: (v.shape, float(v) if k.endswith("alpha") else None) for k, v in restored.state_dict().items()} == expected
