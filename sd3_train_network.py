@@ -18,9 +18,12 @@ from library.console import exit_on_user_error, setup_logging
 from library.diffusion.flow_matching import FlowMatchingLossConfig, flow_matching_loss
 from library.fingerprint import file_identity
 from library.models.checkpoint import CheckpointError
-from library.models.sd3_loading import check_sd3_files, load_sd3_models
-from library.models.sd3_text import Sd3TextOptions, dropout_masks, encode_sd3, sd3_conditioning, tokenize_sd3
-from library.models.tokenizers import TokenizerUnavailable, load_sd3_tokenizers
+from library.fp8 import Fp8Parts, store_linear_weights_in_fp8
+from library.models.sd3_loading import SD3_LATENT_SCALE, SD3_LATENT_SHIFT, check_sd3_files, load_sd3_models
+from library.models.sd3_text import (Sd3TextOptions, dropout_masks, encode_sd3, load_sd3_tokenizers, sd3_conditioning,
+                                     tokenize_sd3)
+from library.models.tokenizers import TokenizerUnavailable
+from library.offload import BlockSwapper, check_block_swap_flags, move_except_blocks
 from library.run_config import SampleConfig
 from library.sample_images import cfg, flow_latents, generate_samples
 from library.sample_prompts import SamplePrompt
@@ -28,7 +31,7 @@ from library.trainer import Models, NetworkTrainer, TrainingDiverged
 
 logger = logging.getLogger(__name__)
 
-VAE_SCALE, VAE_SHIFT = 1.5305, 0.0609
+VAE_SCALE, VAE_SHIFT = SD3_LATENT_SCALE, SD3_LATENT_SHIFT
 SAMPLING_SHIFT = 3.0  # the shift SD3's released scheduler config uses at inference
 
 _DDPM_ONLY = "SD3 is a flow-matching model; this option belongs to the DDPM models (SD1/2, SDXL)"
@@ -41,6 +44,10 @@ SD3_UNSUPPORTED = {
         "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
         "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_snr_gamma", "debiased_estimation_loss")}, "clip_skip": "SD3 always uses the penultimate CLIP layers",
     "max_token_length": "SD3 uses 77 CLIP tokens; set the T5 length with --t5xxl_max_token_length",
+    "t5xxl_device": "not implemented yet: T5-XXL runs on the training device (cache its outputs to free that memory)",
+    "t5xxl_dtype": "not implemented yet: T5-XXL runs in the --mixed_precision dtype",
+    "enable_scaled_pos_embed": "multi-resolution position-embedding scaling is not implemented yet",
+    "pos_emb_random_crop_rate": "random position-embedding crops are not implemented yet",
 }
 
 
@@ -61,9 +68,36 @@ class Sd3NetworkTrainer(NetworkTrainer):
         loaded = load_sd3_models(args.pretrained_model_name_or_path, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
                                  vae=args.vae, mmap=not args.disable_mmap_load_safetensors)
         logger.info("loaded %s MMDiT (%s)", loaded.variant, loaded.mmdit_config)
+        check_block_swap_flags(args.blocks_to_swap, len(loaded.mmdit.joint_blocks), gradient_checkpointing=args.gradient_checkpointing,
+                               cpu_offload_checkpointing=args.cpu_offload_checkpointing, cuda_available=torch.cuda.is_available())
         encoders = [loaded.text.clip_l, loaded.text.clip_g] + ([loaded.text.t5xxl] if loaded.text.t5xxl is not None else [])
+        fp8 = Fp8Parts.from_args(args)
+        if fp8.denoiser:  # before LoRA wraps the layers; only the joint blocks, whose inputs are already in compute dtype
+            loaded.mmdit.joint_blocks.to(dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
+            logger.info("fp8 base: %d MMDiT linear weights stored in float8_e4m3fn", store_linear_weights_in_fp8(loaded.mmdit.joint_blocks))
+        if fp8.text_encoders and args.network_train_unet_only:
+            for encoder in encoders:
+                store_linear_weights_in_fp8(encoder)
         return Models(denoiser=loaded.mmdit, vae=loaded.vae, text_encoders=encoders, tokenizers=tokenizers,
-                      extra={"variant": loaded.variant, "text": loaded.text})
+                      extra={"variant": loaded.variant, "text": loaded.text, "fp8": fp8.denoiser})
+
+    def place_denoiser(self, args: argparse.Namespace, models: Models, device: torch.device, dtype: torch.dtype) -> None:
+        mmdit = models.denoiser
+        if models.extra["fp8"]:  # fp8 joint blocks keep their storage dtype; everything else takes the compute dtype
+            for name, module in mmdit.named_children():
+                if module is not mmdit.joint_blocks:
+                    module.to(dtype=dtype)
+            mmdit.pos_embed.data = mmdit.pos_embed.data.to(dtype)
+        else:
+            mmdit.to(dtype=dtype)
+        if not args.blocks_to_swap:
+            mmdit.to(device)
+            return
+        move_except_blocks(mmdit, mmdit.joint_blocks, device)
+        swapper = BlockSwapper(mmdit.joint_blocks, args.blocks_to_swap, device)
+        swapper.prepare()
+        swapper.install()
+        logger.info("block swap: %d of %d joint blocks stay in CPU memory", args.blocks_to_swap, len(mmdit.joint_blocks))
 
     def cache_producers(self, args: argparse.Namespace) -> tuple[str, str]:
         checkpoint = file_identity(args.pretrained_model_name_or_path)
@@ -87,7 +121,8 @@ class Sd3NetworkTrainer(NetworkTrainer):
         clip_l_rate, clip_g_rate, t5_rate = self.dropout_rates
         drops = dropout_masks(latents.shape[0], clip_l_rate=clip_l_rate, clip_g_rate=clip_g_rate, t5_rate=t5_rate,
                               generator=generator)
-        context, pooled = sd3_conditioning(text, clip_l_drop=drops[0], clip_g_drop=drops[1], t5_drop=drops[2])
+        context, pooled = sd3_conditioning(text, clip_l_drop=drops[0], clip_g_drop=drops[1], t5_drop=drops[2],
+                                           context_dim=models.denoiser.config.context_in_dim)
         context, pooled = context.to(latents.dtype), pooled.to(latents.dtype)
 
         def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -98,7 +133,8 @@ class Sd3NetworkTrainer(NetworkTrainer):
 
     def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
         def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
-            context, pooled = sd3_conditioning(self.encode_text(models, [prompt.prompt, prompt.negative_prompt]))
+            context, pooled = sd3_conditioning(self.encode_text(models, [prompt.prompt, prompt.negative_prompt]),
+                                               context_dim=models.denoiser.config.context_in_dim)
             (cond_c, uncond_c), (cond_p, uncond_p) = context.chunk(2), pooled.chunk(2)
             guided = cfg(lambda x, t, c: models.denoiser(x, t, c[0], c[1]), (cond_c, cond_p), (uncond_c, uncond_p), prompt.cfg_scale)
             return flow_latents(prompt, generator, guided=guided, channels=16, shift=SAMPLING_SHIFT)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -100,29 +101,15 @@ class SdNetworkTrainer(NetworkTrainer):
         else:
             version, architecture = "sd_v1", "stable-diffusion-v1"
         resolution = args.resolution or ("768" if self.v_parameterization else "512")
-        meta = {"ss_base_model_version": version, "ss_v2": str(bool(self.v2)),
-                "ss_v_parameterization": str(bool(self.v_parameterization)), "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
+        meta = {"ss_base_model_version": version, "ss_v2": str(bool(self.v2)), "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
         meta.update(modelspec_metadata(
             architecture=f"{architecture}/lora", implementation="diffusers", title=args.metadata_title or args.output_name or "last",
-            resolution=_resolution_text(resolution), prediction_type="v" if self.v_parameterization else "epsilon",
-            timestamp=meta_time(), author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
+            resolution=resolution, prediction_type="v" if self.v_parameterization else "epsilon",
+            timestamp=time.time(), author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
             tags=args.metadata_tags, usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail,
             merged_from=args.metadata_merged_from, trigger_phrase=args.metadata_trigger_phrase,
             preprocessor=args.metadata_preprocessor, is_negative_embedding=args.metadata_is_negative_embedding))
         return meta
-
-
-def _resolution_text(resolution: str) -> str:
-    parts = [p.strip() for p in str(resolution).split(",")]
-    width = parts[0]
-    height = parts[1] if len(parts) > 1 else parts[0]
-    return f"{width}x{height}"
-
-
-def meta_time() -> float:
-    import time
-
-    return time.time()
 
 
 def setup_parser() -> argparse.ArgumentParser:

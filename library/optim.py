@@ -31,7 +31,6 @@ class OptimizerConfig:
     learning_rate: float
     optimizer_args: tuple[str, ...]
     max_grad_norm: float
-    fused_backward_pass: bool
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "OptimizerConfig":
@@ -40,7 +39,6 @@ class OptimizerConfig:
             learning_rate=args.learning_rate,
             optimizer_args=tuple(args.optimizer_args or ()),
             max_grad_norm=args.max_grad_norm,
-            fused_backward_pass=bool(args.fused_backward_pass),
         )
 
 
@@ -180,8 +178,6 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[Any]) -> tuple[str
     """
     name = config.optimizer_type or _DEFAULT_OPTIMIZER
     spec = _find_spec(name)
-    if config.fused_backward_pass and name.lower() != "adafactor":
-        raise ValueError(f"--fused_backward_pass works only with --optimizer_type Adafactor, not {name}")
     kwargs = parse_optimizer_args(config.optimizer_args)
     lr: float | None = config.learning_rate
     params = list(params)

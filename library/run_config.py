@@ -31,6 +31,10 @@ class RunConfig:
     max_grad_norm: float
     max_train_steps: int
     max_train_epochs: int | None
+    weight_dtype: torch.dtype  # frozen base weights
+    vae_dtype: torch.dtype  # fp32 with --no_half_vae (the SDXL VAE overflows in fp16), else weight_dtype
+    gradient_checkpointing: bool
+    scale_weight_norms: float | None
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, resumed_seed: int | None = None) -> "RunConfig":
@@ -40,7 +44,10 @@ class RunConfig:
             seed = random.randint(0, 2**32 - 1)
         return cls(seed=seed, mixed_precision=args.mixed_precision, full_precision_lora=args.full_fp16 or args.full_bf16,
                    gradient_accumulation_steps=args.gradient_accumulation_steps, max_grad_norm=args.max_grad_norm,
-                   max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs)
+                   max_train_steps=args.max_train_steps, max_train_epochs=args.max_train_epochs,
+                   weight_dtype=precision_dtype(args.mixed_precision),
+                   vae_dtype=torch.float32 if args.no_half_vae else precision_dtype(args.mixed_precision),
+                   gradient_checkpointing=args.gradient_checkpointing, scale_weight_norms=args.scale_weight_norms)
 
     def total_steps(self, steps_per_epoch: int) -> tuple[int, int]:
         """(optimizer steps, epochs). --max_train_epochs wins over --max_train_steps, as in sd-scripts."""
@@ -103,3 +110,20 @@ class SampleConfig:
         return cls(prompts_file=prompts, sampler=args.sample_sampler, every_n_steps=every_n_steps,
                    every_n_epochs=args.sample_every_n_epochs, at_first=args.sample_at_first,
                    output_dir=Path(args.output_dir or ".") / "sample", output_name=args.output_name or "last", seed=args.seed)
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    every_n_steps: int | None
+    every_n_epochs: int | None  # None: after every epoch
+    max_batches: int | None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "ValidationConfig":
+        return cls(every_n_steps=args.validate_every_n_steps, every_n_epochs=args.validate_every_n_epochs,
+                   max_batches=args.max_validation_steps)
+
+    def due(self, *, step: int, epoch: int, epoch_end: bool) -> bool:
+        if epoch_end:
+            return self.every_n_epochs is None or epoch % self.every_n_epochs == 0
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0

@@ -67,7 +67,9 @@ def generate_samples(config: SampleConfig, *, step: int, epoch: int | None, devi
         generator = torch.Generator(device=device).manual_seed(seed)
         latents = render(prompt, generator, prompt.sampler or config.sampler)
         path = config.output_dir / sample_file_name(config.output_name, step=step, epoch=epoch, index=index, seed=prompt.seed)
-        to_image(decode(latents)[0]).save(path)
+        with torch.autocast(device.type, enabled=False):  # the VAE keeps its own dtype (fp32 with --no_half_vae)
+            decoded = decode(latents)
+        to_image(decoded[0]).save(path)
         paths.append(path)
     return paths
 
@@ -75,7 +77,7 @@ def generate_samples(config: SampleConfig, *, step: int, epoch: int | None, devi
 def ddpm_latents(prompt: SamplePrompt, generator: torch.Generator, sampler: str, *, guided: Guided, schedule: DdpmSchedule,
                  v_parameterization: bool, channels: int) -> torch.Tensor:
     """Sample a DDPM-trained model (ε or v) with any sd-scripts sampler name."""
-    alphas = schedule.alphas_cumprod.float().cpu()
+    alphas = schedule.sampling_alphas_cumprod.float().cpu()
     device = generator.device
     sigmas = sampling_sigmas(alphas, prompt.steps).to(device)
     noise = torch.randn(latent_shape(prompt, channels), generator=generator, device=device, dtype=torch.float32)

@@ -55,7 +55,7 @@ def tiny_sd3_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, 
     """One single-file checkpoint per SD3 variant ("sd3-medium", "sd3.5-medium", "sd3.5-large"), each with
     CLIP-L, CLIP-G (fp16) and T5 (fp8) under ``text_encoders.*`` like sd3_medium_incl_clips_t5xxlfp8."""
     folder = tmp_path_factory.mktemp("sd3")
-    return {variant: write_tiny_sd3_checkpoint(folder / f"{variant}.safetensors", variant=variant) for variant in VARIANTS}
+    return {name: write_tiny_sd3_checkpoint(folder / f"{name}.safetensors", variant=name) for name in VARIANTS}
 
 
 @pytest.fixture(scope="session")

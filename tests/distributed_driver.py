@@ -35,13 +35,12 @@ class RecordingTrainer(SdNetworkTrainer):
             self.record["batches"].append(list(batch["keys"]))
         return super()._step_loss(ctx, batch, step, validation)
 
-    def _after_step(self, ctx, loss, recent):
-        logs = super()._after_step(ctx, loss, recent)
+    def _after_step(self, ctx):
         self.record["lrs"].append(ctx.scheduler.get_last_lr()[0])
-        return logs
+        super()._after_step(ctx)
 
-    def _save_lora(self, ctx, file_name, state):
-        path = super()._save_lora(ctx, file_name, state)
+    def _save_lora(self, ctx, file_name):
+        path = super()._save_lora(ctx, file_name)
         self.record["saved"].append(path.name)
         return path
 
@@ -50,14 +49,14 @@ class RecordingTrainer(SdNetworkTrainer):
         self.record["samples"] += [Path(p).name for p in paths]
         return paths
 
-    def _finish(self, ctx, state):
+    def _finish(self, ctx):
         accelerator = ctx.accelerator
         rank = accelerator.process_index
         network = accelerator.unwrap_model(ctx.network)
         weights = {name: tensor.detach().cpu().contiguous() for name, tensor in network.state_dict().items()}
         save_file(weights, str(ctx.save.output_dir / f"rank{rank}.safetensors"))
-        path = super()._finish(ctx, state)
-        record = dict(self.record, num_processes=accelerator.num_processes, global_step=state.global_step)
+        path = super()._finish(ctx)
+        record = dict(self.record, num_processes=accelerator.num_processes, global_step=ctx.state.global_step)
         (ctx.save.output_dir / f"rank{rank}.json").write_text(json.dumps(record))
         return path
 

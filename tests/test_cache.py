@@ -13,10 +13,11 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from library.cache_prefill import PrefillConfig, prefill, prefill_latent_cache, prefill_text_cache
 from library.dataset import cache
 from library.dataset.captions import CaptionOptions
-from library.dataset.config import DatasetConfig, DatasetOptions, SubsetConfig
-from library.dataset.dataset import DatasetError, TrainDataset, prefill_latent_cache, prefill_text_cache, split_validation
+from library.dataset.config import DatasetConfig, DatasetOptions, SubsetConfig, load_dataset_configs
+from library.dataset.dataset import DatasetError, TrainDataset, split_validation
 from library.fixtures.images import write_fixture_images
 
 
@@ -324,3 +325,59 @@ def test_prefill_writes_every_image_of_every_part(tmp_path):
     with pytest.raises(DatasetError, match="color_aug"):
         prefill_latent_cache([DatasetConfig(resolution=(64, 64), subsets=(_subset(tmp_path / "images", color_aug=True),))],
                              options, encoder, "vae", batch_size=2)
+
+
+class _FakeFamily:
+    """The two trainer hooks prefill calls, recording the dtypes the models were placed in."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, torch.dtype] = {}
+
+    def encode_images(self, models, images: torch.Tensor) -> torch.Tensor:
+        self.seen["images"] = images.dtype
+        return models.vae(images)
+
+    def encode_text(self, models, captions: list[str]) -> dict[str, torch.Tensor]:
+        self.seen["text_encoder"] = models.text_encoders[0].weight.dtype
+        return CountingTextEncoder()(captions)
+
+
+def test_prefill_uses_the_config_dtypes_and_keys(tmp_path):
+    write_fixture_images(tmp_path / "images", 3)
+    toml_file = tmp_path / "dataset.toml"
+    toml_file.write_text(f"[[datasets]]\nresolution = 64\n[[datasets.subsets]]\nimage_dir = '{(tmp_path / 'images').as_posix()}'\n"
+                         "caption_extension = '.txt'\n", encoding="utf-8")
+    vae = torch.nn.AvgPool2d(8)
+    models = dataclasses.make_dataclass("Models", ["vae", "text_encoders"])(vae, [torch.nn.Linear(2, 2)])
+    config = PrefillConfig(dataset=DatasetOptions(dataset_config=toml_file, seed=1), latent_key="vae-key", text_key="te-key",
+                           vae_dtype=torch.float64, text_encoder_dtype=torch.bfloat16, vae_batch_size=2,
+                           text_encoder_batch_size=2)
+    family = _FakeFamily()
+    prefill(family, models, config, latents=True, text=True, device=torch.device("cpu"))
+    assert family.seen == {"images": torch.float64, "text_encoder": torch.bfloat16}
+    assert len(_cache_files(tmp_path / "images")) == 3 and len(_cache_files(tmp_path / "images", cache.TEXT_SUFFIX)) == 3
+
+    # The trainer's keys find the files current; any other key does not.
+    trainer_view = split_validation(load_dataset_configs(config.dataset), config.dataset)[0]
+    encoder = CountingEncoder()
+    trainer_view.cache_latents(encoder, "vae-key", to_disk=True, batch_size=2, show_progress=False)
+    assert encoder.images == 0
+    trainer_view.cache_latents(encoder, "other-key", to_disk=True, batch_size=2, show_progress=False)
+    assert encoder.images == 3
+
+
+@pytest.mark.parametrize("flags, vae_dtype, text_dtype", [
+    (["--mixed_precision=fp16"], torch.float16, torch.float16),
+    (["--mixed_precision=bf16", "--no_half_vae"], torch.float32, torch.bfloat16),
+    (["--mixed_precision=no"], torch.float32, torch.float32),
+])
+def test_prefill_config_reads_the_flags_once(flags, vae_dtype, text_dtype):
+    from library.args import TRAINING_FLAGS, parse_args, setup_parser_for
+
+    args = parse_args(setup_parser_for(TRAINING_FLAGS, prog="train_network.py"),
+                      ["--dataset_config=d.toml", "--vae_batch_size=3", "--seed=9", "--skip_cache_check", *flags])
+    config = PrefillConfig.from_args(args, ("vae-key", "te-key"))
+    assert (config.vae_dtype, config.text_encoder_dtype) == (vae_dtype, text_dtype)
+    assert (config.latent_key, config.text_key, config.seed, config.skip_check) == ("vae-key", "te-key", 9, True)
+    assert (config.vae_batch_size, config.text_encoder_batch_size) == (3, 3)  # --text_encoder_batch_size falls back
+    assert config.dataset.dataset_config == Path("d.toml")

@@ -194,6 +194,25 @@ def test_epoch_reaches_dataloader_workers(tmp_path):
     assert _epoch_keys(dataset, 0) != _epoch_keys(dataset, 1)
 
 
+def test_fractional_token_warmup_follows_the_total_set_later(tmp_path):
+    """--max_train_epochs fixes the run length only after the batches are counted; the warm-up must follow it."""
+    write_fixture_images(tmp_path / "images", 1, captions=["a, b, c, d, e, f"])
+    dataset = _dataset(_config(_subset(tmp_path / "images", token_warmup_step=0.5)))  # built with 100 steps
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=_first, num_workers=1, persistent_workers=True)
+
+    def tags_at(step: int) -> int:
+        dataset.set_current_step(step)
+        return len(next(iter(loader))["captions"][0].split(", "))
+
+    # 1 + floor(step * (6 - 1) / warm-up steps) tags, warm-up steps = floor(0.5 * total)
+    assert (tags_at(10), tags_at(20)) == (1 + 10 * 5 // 50, 1 + 20 * 5 // 50)
+    dataset.set_max_train_steps(40)
+    assert dataset.max_train_steps == 40
+    assert (tags_at(10), tags_at(20)) == (1 + 10 * 5 // 20, 6)
+    with pytest.raises(ValueError, match="max_train_steps must be at least 1"):
+        dataset.set_max_train_steps(0)
+
+
 # --------------------------------------------------------------------------- pixels, captions, masks
 
 

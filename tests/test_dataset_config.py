@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from library.dataset.captions import CaptionOptions
 from library.dataset.config import DatasetConfigError, DatasetOptions, load_dataset_configs
 from library.fixtures.images import write_fixture_images
 
@@ -97,11 +98,12 @@ def test_command_line_is_the_lowest_priority_fallback(folders):
   image_dir = '{_toml_path(folders["fuga"])}'
   flip_aug = false
   num_repeats = 2
+  keep_tokens = 0
 """)
     (config,) = _load(
         config_file, resolution=(64, 96), train_batch_size=3, dataset_repeats=5, flip_aug=True, caption_extension=".txt",
         enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128, bucket_reso_steps=32, alpha_mask=True,
-        caption_dropout_rate=0.25, validation_split=0.5, validation_seed=7,
+        caption=CaptionOptions(caption_dropout_rate=0.25, keep_tokens=2), validation_split=0.5, validation_seed=7,
     )
     # train_batch_size -> batch_size and dataset_repeats -> num_repeats, as sd-scripts maps them.
     assert config.batch_size == 3 and config.resolution == (64, 96)
@@ -109,25 +111,31 @@ def test_command_line_is_the_lowest_priority_fallback(folders):
     assert (config.validation_split, config.validation_seed) == (0.5, 7)
     first, second = config.subsets
     assert (first.num_repeats, first.flip_aug, first.alpha_mask, first.caption_extension) == (5, True, True, ".txt")
-    assert first.caption.caption_dropout_rate == 0.25
+    assert (first.caption.caption_dropout_rate, first.caption.keep_tokens) == (0.25, 2)
     # A value written in the file beats the flag, even when it is false.
-    assert (second.num_repeats, second.flip_aug) == (2, False)
+    assert (second.num_repeats, second.flip_aug, second.caption.keep_tokens) == (2, False, 0)
+    assert second.caption.caption_dropout_rate == 0.25
 
 
-def test_options_from_args_parses_flags_and_legacy_spelling():
+def test_options_from_args_parses_flags():
     args = argparse.Namespace(
-        resolution="768,512", caption_extension=".caption", caption_extention=".txt", train_data_dir="data",
-        face_crop_aug_range=None, train_batch_size=2, unrelated_flag=1,
+        resolution="768,512", caption_extension=".txt", train_data_dir="data", face_crop_aug_range=None,
+        train_batch_size=2, unrelated_flag=1, shuffle_caption=True, keep_tokens=1, secondary_separator=None,
+        token_warmup_step=0.5,
     )
     options = DatasetOptions.from_args(args)
     assert options.resolution == (768, 512)
     assert options.caption_extension == ".txt"
+    # Caption flags are nested; a missing or None flag keeps the built-in default.
+    assert options.caption == CaptionOptions(shuffle_caption=True, keep_tokens=1, token_warmup_step=0.5)
     assert options.train_data_dir == Path("data")
     assert options.train_batch_size == 2
     assert options.min_bucket_reso == 256 and options.max_train_steps == 1600  # flags this Namespace lacks
     assert DatasetOptions.from_args(argparse.Namespace(resolution="512")).resolution == (512, 512)
     with pytest.raises(DatasetConfigError, match="--resolution"):
         DatasetOptions.from_args(argparse.Namespace(resolution="512x512"))
+    with pytest.raises(DatasetConfigError, match="--caption_separator must not be empty"):
+        DatasetOptions.from_args(argparse.Namespace(caption_separator=""))
 
 
 def _one_subset_toml(folder: Path, extra_subset: str = "", extra_dataset: str = "resolution = 64") -> str:

@@ -64,6 +64,29 @@ def test_every_sd_scripts_key_is_accepted_and_a_string(key):
     assert metadata == {key: '{"a": 1}' if key in NESTED else "7"}
 
 
+def test_run_keys_spelled_as_sd_scripts_train_network_writes_them():
+    """The values train_network.py stores for these keys: str() of the raw flag/value, json.dumps for dir info."""
+    metadata = lora_training_metadata(
+        output_name="my_lora", session_id=123456789, num_epochs=10, resolution=(512, 512), batch_size_per_device=2,
+        total_batch_size=8, cache_latents=False, network_dropout=None, scale_weight_norms=1.0, reg_dataset_dirs={},
+        sd_model_hash="925997e9", new_sd_model_hash="a" * 64, adaptive_noise_scale=None, noise_offset_random_strength=False,
+        ip_noise_gamma_random_strength=True, huber_scale=1.0, validation_split=0.1, validation_seed=None,
+        max_validation_steps=None, validate_every_n_steps=50, validate_every_n_epochs=None,
+    )
+    assert metadata == {
+        "ss_output_name": "my_lora", "ss_session_id": "123456789", "ss_num_epochs": "10", "ss_resolution": "(512, 512)",
+        "ss_batch_size_per_device": "2", "ss_total_batch_size": "8", "ss_cache_latents": "False",
+        "ss_network_dropout": "None", "ss_scale_weight_norms": "1.0", "ss_reg_dataset_dirs": "{}",
+        "ss_sd_model_hash": "925997e9", "ss_new_sd_model_hash": "a" * 64, "ss_adaptive_noise_scale": "None",
+        "ss_noise_offset_random_strength": "False", "ss_ip_noise_gamma_random_strength": "True", "ss_huber_scale": "1.0",
+        "ss_validation_split": "0.1", "ss_validation_seed": "None", "ss_max_validation_steps": "None",
+        "ss_validate_every_n_steps": "50", "ss_validate_every_n_epochs": "None",
+    }
+    # sd-scripts has no ss_v_parameterization: v-prediction is recorded as modelspec.prediction_type = "v".
+    with pytest.raises(ValueError, match="ss_v_parameterization"):
+        lora_training_metadata(v_parameterization=True)
+
+
 def test_misspelt_or_wrongly_typed_fields_are_errors():
     with pytest.raises(ValueError, match="unknown LoRA metadata field 'network_dims'.*ss_network_dims"):
         lora_training_metadata(network_dims=16)

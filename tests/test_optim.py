@@ -33,8 +33,8 @@ DADAPT_NAMES = {  # name -> (module, class) as sd-scripts maps them
 }
 
 
-def _config(name: str = "", *args: str, lr: float = 1e-3, fused: bool = False) -> OptimizerConfig:
-    return OptimizerConfig(optimizer_type=name, learning_rate=lr, optimizer_args=args, max_grad_norm=1.0, fused_backward_pass=fused)
+def _config(name: str = "", *args: str, lr: float = 1e-3) -> OptimizerConfig:
+    return OptimizerConfig(optimizer_type=name, learning_rate=lr, optimizer_args=args, max_grad_norm=1.0)
 
 
 def _params(value: float = 1.0) -> list[torch.nn.Parameter]:
@@ -63,8 +63,8 @@ def test_repeated_optimizer_arg_is_rejected():
 
 
 def test_config_from_args_reads_sd_scripts_defaults():
-    args = argparse.Namespace(optimizer_type="", learning_rate=2e-6, optimizer_args=None, max_grad_norm=1.0, fused_backward_pass=False)
-    assert OptimizerConfig.from_args(args) == OptimizerConfig("", 2e-6, (), 1.0, False)
+    args = argparse.Namespace(optimizer_type="", learning_rate=2e-6, optimizer_args=None, max_grad_norm=1.0)
+    assert OptimizerConfig.from_args(args) == OptimizerConfig("", 2e-6, (), 1.0)
 
 
 # ----------------------------------------------------------------------------- names that build here
@@ -231,13 +231,6 @@ def test_module_path_errors_name_the_module_and_class():
 def test_arguments_the_optimizer_does_not_take_are_reported():
     with pytest.raises(ValueError, match="--optimizer_args .*'momentumm'.* do not fit AdamW"):
         build_optimizer(_config("AdamW", "momentumm=0.9"), _params())
-
-
-def test_fused_backward_pass_needs_adafactor():
-    with pytest.raises(ValueError, match="--fused_backward_pass works only with --optimizer_type Adafactor"):
-        build_optimizer(_config("AdamW", fused=True), _params())
-    _, optimizer = build_optimizer(_config("Adafactor", fused=True), _params())
-    assert isinstance(optimizer, transformers.optimization.Adafactor)
 
 
 # ----------------------------------------------------------------------------- schedulers

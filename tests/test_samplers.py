@@ -87,3 +87,45 @@ def test_flow_sigmas_are_shifted_and_span_one_to_zero():
     plain = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
     assert torch.allclose(sigmas, 3 * plain / (1 + 2 * plain))
     assert sigmas[0] == 1 and sigmas[-1] == 0
+
+
+def test_zero_terminal_snr_previews_sample_the_ordinary_schedule():
+    """A rescaled table ends in alpha_bar = 0 (sigma = inf); previews use the table before the rescale, as sd-scripts."""
+    from library.sample_images import ddpm_latents
+    from library.sample_prompts import SamplePrompt
+
+    plain, rescaled = DdpmSchedule.scaled_linear(), DdpmSchedule.scaled_linear(zero_terminal_snr=True)
+    assert torch.equal(rescaled.sampling_alphas_cumprod, plain.alphas_cumprod)
+    assert torch.equal(plain.sampling_alphas_cumprod, plain.alphas_cumprod)
+    sigmas = sampling_sigmas(rescaled.sampling_alphas_cumprod.float(), 6)
+    assert torch.isfinite(sigmas).all() and sigmas[0] == pytest.approx(sampling_sigmas(plain.alphas_cumprod.float(), 6)[0].item())
+
+    prompt = SamplePrompt("a cat", width=64, height=64, steps=6)
+    latents = ddpm_latents(prompt, torch.Generator().manual_seed(0), "euler", guided=toy_model, schedule=rescaled,
+                           v_parameterization=True, channels=4)
+    assert latents.shape == (1, 4, 8, 8) and torch.isfinite(latents).all() and latents.abs().max() > 0
+
+
+def test_preview_decoding_runs_outside_autocast(tmp_path):
+    """--no_half_vae keeps an fp32 VAE while the render runs under fp16/bf16 autocast; decoding must not be cast."""
+    from library.run_config import SampleConfig
+    from library.sample_images import generate_samples
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat --w 64 --h 64 --d 5\n", encoding="utf-8")
+    config = SampleConfig(prompts_file=prompts, sampler="euler", every_n_steps=None, every_n_epochs=None, at_first=False,
+                          output_dir=tmp_path / "sample", output_name="run", seed=None)
+    seen = {}
+
+    def render(prompt, generator, sampler):
+        seen["render"] = torch.is_autocast_enabled("cpu")
+        return torch.zeros(1, 4, 8, 8)
+
+    def decode(latents):
+        seen["decode"] = torch.is_autocast_enabled("cpu")
+        return torch.zeros(1, 3, 64, 64)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        paths = generate_samples(config, step=3, epoch=None, device=torch.device("cpu"), render=render, decode=decode)
+    assert seen == {"render": True, "decode": False}
+    assert len(paths) == 1 and paths[0].name.startswith("run_000003_00_") and paths[0].name.endswith("_5.png")

@@ -7,7 +7,7 @@ a training run with the same flags and --cache_latents_to_disk then reuses the f
 from __future__ import annotations
 
 from library.args import parse_args
-from library.cache_prefill import prefill
+from library.cache_prefill import PrefillConfig, prefill
 from library.console import setup_logging
 from train_network import SdNetworkTrainer, setup_parser
 
@@ -15,7 +15,9 @@ from train_network import SdNetworkTrainer, setup_parser
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(setup_parser(), argv)
     setup_logging(args)
-    prefill(SdNetworkTrainer(args), args, latents=True, text=False)
+    trainer = SdNetworkTrainer(args)
+    config = PrefillConfig.from_args(args, trainer.cache_keys(args))
+    prefill(trainer, trainer.prepare_models(args), config, latents=True, text=False)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from library.dataset.images import IMAGE_EXTENSIONS, INTERPOLATIONS
 logger = logging.getLogger(__name__)
 
 Size = tuple[int, int]
+_CAPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CaptionOptions))
 
 
 class DatasetConfigError(ValueError):
@@ -103,14 +104,8 @@ class DatasetOptions:
     resolution: Size | None = None
     train_batch_size: int = 1
     caption_extension: str = ".caption"
-    shuffle_caption: bool = False
-    caption_separator: str = ","
-    keep_tokens: int = 0
-    keep_tokens_separator: str = ""
-    secondary_separator: str | None = None
-    enable_wildcard: bool = False
-    caption_prefix: str | None = None
-    caption_suffix: str | None = None
+    caption: CaptionOptions = field(default_factory=CaptionOptions)
+    """The caption flags (--shuffle_caption, --keep_tokens, --caption_dropout_rate, ...), one per field."""
     color_aug: bool = False
     flip_aug: bool = False
     face_crop_aug_range: tuple[float, float] | None = None
@@ -123,12 +118,7 @@ class DatasetOptions:
     bucket_reso_steps: int = 64
     bucket_no_upscale: bool = False
     resize_interpolation: str | None = None
-    token_warmup_min: int = 1
-    token_warmup_step: float = 0
     alpha_mask: bool = False
-    caption_dropout_rate: float = 0.0
-    caption_dropout_every_n_epochs: int = 0
-    caption_tag_dropout_rate: float = 0.0
     dataset_repeats: int = 1
     prior_loss_weight: float = 1.0
     max_token_length: int | None = None
@@ -141,12 +131,14 @@ class DatasetOptions:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "DatasetOptions":
         """Read the dataset flags; flags a script does not define keep their sd-scripts defaults."""
-        values = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls)}
+        values = {f.name: getattr(args, f.name, f.default) for f in dataclasses.fields(cls) if f.name != "caption"}
         if values["max_train_steps"] is None:  # set later from --max_train_epochs; warm-up fractions need a number
             values["max_train_steps"] = cls.max_train_steps
-        legacy_extension = getattr(args, "caption_extention", None)  # sd-scripts' old misspelt flag
-        if legacy_extension is not None:
-            values["caption_extension"] = legacy_extension
+        given = {name: getattr(args, name, None) for name in _CAPTION_FIELDS}
+        try:  # a flag left at None falls through to the built-in default, as an unset TOML key does
+            values["caption"] = CaptionOptions(**{name: value for name, value in given.items() if value is not None})
+        except ValueError as error:
+            raise DatasetConfigError(f"--{error}") from None
         for name in ("dataset_config", "train_data_dir", "reg_data_dir", "in_json"):
             if values[name] is not None:
                 values[name] = Path(values[name])
@@ -428,7 +420,9 @@ def _list_of_tables(value: Any) -> list:
 
 def _flag_values(options: DatasetOptions) -> dict[str, Any]:
     """The command-line values as TOML keys: the lowest-priority fallback before built-in defaults."""
-    return {_FLAG_TO_KEY.get(f.name, f.name): getattr(options, f.name) for f in dataclasses.fields(options)}
+    values = {_FLAG_TO_KEY.get(f.name, f.name): getattr(options, f.name) for f in dataclasses.fields(options)}
+    del values["caption"]
+    return values | {name: getattr(options.caption, name) for name in _CAPTION_FIELDS}
 
 
 def _place(source: str, where: str) -> str:
@@ -567,8 +561,6 @@ def _checked_bucket_range(config: DatasetConfig, source: str, where: str) -> Dat
         )
     return dataclasses.replace(config, min_bucket_reso=low, max_bucket_reso=high)
 
-
-_CAPTION_FIELDS = tuple(f.name for f in dataclasses.fields(CaptionOptions))
 
 
 def _subset_settings(

@@ -267,7 +267,6 @@ class TrainDataset(torch.utils.data.Dataset):
         self.part = part
         self.configs = [_without_augmentation(config) if part == "validation" else config for config in configs]
         self.seed = seed
-        self.max_train_steps = max_train_steps
         self.prior_loss_weight = prior_loss_weight
         self.skip_corrupt = skip_corrupt
         self.items: list[ImageItem] = []
@@ -276,8 +275,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.num_reg_images = 0
         self._tag_frequency: list[tuple[str, dict[str, int]]] = []
         self._subset_counts: list[tuple[SubsetConfig, int]] = []
-        # epoch and step in shared memory, so DataLoader workers (even persistent ones) follow select_epoch.
-        self._state = torch.zeros(2, dtype=torch.long).share_memory_()
+        # epoch, step and run length in shared memory, so DataLoader workers (even persistent ones) follow the setters.
+        self._state = torch.tensor([0, 0, max_train_steps], dtype=torch.long).share_memory_()
         self._layout: tuple[int, list[tuple[int, ...]]] | None = None
         for index, config in enumerate(self.configs):
             self._add_dataset(index, config)
@@ -422,6 +421,19 @@ class TrainDataset(torch.utils.data.Dataset):
     def set_current_step(self, step: int) -> None:
         """The global optimisation step, for token warm-up."""
         self._state[1] = step
+
+    def set_max_train_steps(self, steps: int) -> None:
+        """The run's real length, once known (--max_train_epochs decides it only after the batches are counted).
+
+        A fractional ``token_warmup_step`` is that fraction of this total.
+        """
+        if steps < 1:
+            raise ValueError(f"max_train_steps must be at least 1, got {steps}")
+        self._state[2] = steps
+
+    @property
+    def max_train_steps(self) -> int:
+        return int(self._state[2])
 
     def __len__(self) -> int:
         return sum(math.ceil(len(b.members) / self.configs[b.dataset_index].batch_size) for b in self._buckets)
@@ -730,58 +742,3 @@ def split_validation(
     validation = make([config for config in configs if config.validation_split > 0], part="validation")
     return train, (validation if len(validation) > 0 else None)
 
-
-# --------------------------------------------------------------------------- cache prefill (tools/cache_*.py)
-
-
-def prefill_latent_cache(
-    configs: Sequence[DatasetConfig],
-    options: DatasetOptions,
-    encode: Callable[[torch.Tensor], torch.Tensor],
-    producer: str,
-    *,
-    batch_size: int,
-    skip_check: bool = False,
-    seed: int | None = None,
-) -> list[TrainDataset]:
-    """tools/cache_latents.py: write the on-disk latents of every image (training and validation parts).
-
-    Pass the producer string and seed the trainer will use, or the trainer will not recognise the files.
-    """
-    datasets = _all_parts(configs, options, seed, cache.latent_cache_conflicts, "--cache_latents")
-    for dataset in datasets:
-        dataset.cache_latents(encode, producer, to_disk=True, batch_size=batch_size, skip_check=skip_check)
-    return datasets
-
-
-def prefill_text_cache(
-    configs: Sequence[DatasetConfig],
-    options: DatasetOptions,
-    encode: Callable[[list[str]], dict[str, torch.Tensor]],
-    producer: str,
-    *,
-    batch_size: int,
-    skip_check: bool = False,
-    seed: int | None = None,
-) -> list[TrainDataset]:
-    """tools/cache_text_encoder_outputs.py: write the on-disk text-encoder outputs of every image."""
-    datasets = _all_parts(configs, options, seed, cache.text_cache_conflicts, "--cache_text_encoder_outputs")
-    for dataset in datasets:
-        dataset.cache_text_outputs(encode, producer, to_disk=True, batch_size=batch_size, skip_check=skip_check)
-    return datasets
-
-
-def _all_parts(
-    configs: Sequence[DatasetConfig],
-    options: DatasetOptions,
-    seed: int | None,
-    conflicts: Callable[[Sequence[DatasetConfig]], list[str]],
-    flag: str,
-) -> list[TrainDataset]:
-    problems = conflicts(configs)
-    if problems:
-        raise DatasetError("; ".join(problems))
-    datasets = [dataset for dataset in split_validation(configs, options, seed=seed) if dataset is not None]
-    if not any(len(dataset) for dataset in datasets):
-        raise DatasetError(f"{flag}: the dataset has no readable images")
-    return datasets

@@ -94,6 +94,15 @@ class DdpmSchedule:
         table = _snr_from_alphas_cumprod(self.alphas_cumprod)
         return table.to(timesteps.device)[timesteps]
 
+    @property
+    def sampling_alphas_cumprod(self) -> Tensor:
+        """(T,) the table preview images are sampled with: the one before any zero-terminal rescale.
+
+        A rescaled table ends in alpha_bar = 0, i.e. sigma = inf at the first sampling step, which turns every
+        preview black; sd-scripts samples --zero_terminal_snr runs with the ordinary schedule, and so do we.
+        """
+        return self.alphas_cumprod if self.weighting_alphas_cumprod is None else self.weighting_alphas_cumprod
+
     def weighting_snr_table(self) -> Tensor:
         """(T,) SNR per timestep as the loss weights see it (see `weighting_alphas_cumprod`)."""
         table = self.alphas_cumprod if self.weighting_alphas_cumprod is None else self.weighting_alphas_cumprod
