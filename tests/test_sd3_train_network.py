@@ -151,7 +151,7 @@ def test_seed_command_line_through_accelerate_launch(tiny_sd3_checkpoints, tiny_
         "--network_alpha=1", "--learning_rate=1e-4", f"--optimizer_type={'AdamW8bit' if gpu else 'AdamW'}",
         "--lr_scheduler=constant", "--sdpa", "--max_train_epochs=2", "--save_every_n_epochs=1",
         f"--mixed_precision={'fp16' if gpu else 'no'}", "--gradient_checkpointing", "--weighting_scheme=sigma_sqrt",
-        *(["--blocks_to_swap=2"] if gpu else []), f"--tokenizer_cache_dir={sd3_tokenizer_cache_dir}", "--max_data_loader_n_workers=0",
+        *(["--blocks_to_swap=1"] if gpu else []), f"--tokenizer_cache_dir={sd3_tokenizer_cache_dir}", "--max_data_loader_n_workers=0",
     ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
