@@ -205,3 +205,28 @@ def test_every_accepted_flag_is_read_by_the_project(reference):
         and not re.search(rf"\.{name}\b|[\"']{name}[\"']", sources)
     )
     assert not unread, f"{len(unread)} accepted flags are never read: " + ", ".join(f"--{n}" for n in unread)
+
+
+# ----------------------------------------------------------------------------- sd3_train_network.py
+_SD3_SECTIONS = ("add_dit_training_arguments", "add_sd3_training_arguments")
+
+
+def test_every_sd3_flag_is_declared_with_sd_scripts_defaults_and_accepted_or_rejected(capsys):
+    """sd3_train_network.py = train_network.py's flags + the DiT and SD3 groups; each is read or rejected."""
+    from sd3_train_network import SD3_UNSUPPORTED, setup_parser
+
+    sections = _parse_reference(_reference_path().read_text(encoding="utf-8"))
+    sd3_flags = {name: spec for section in _SD3_SECTIONS for name, spec in sections[section].items()}
+    parser = setup_parser()
+    sources = _project_sources()
+    unread = []
+    for name, spec in sd3_flags.items():
+        assert parser.get_default(name) == spec.get("default", False if spec.get("action") == "store_true" else None), name
+        if name in SD3_UNSUPPORTED:
+            value = [f"--{name}"] if spec.get("action") == "store_true" else [f"--{name}", "1"]
+            with pytest.raises(SystemExit):
+                parse_args(parser, value)
+            assert "is not supported" in capsys.readouterr().err
+        elif not re.search(rf"\.{name}\b|[\"']{name}[\"']", sources):
+            unread.append(name)
+    assert unread == []
