@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -20,11 +22,12 @@ from library.fingerprint import file_identity
 from library.models.checkpoint import CheckpointError
 from library.fp8 import Fp8Parts, store_linear_weights_in_fp8
 from library.models.sd3_loading import SD3_LATENT_SCALE, SD3_LATENT_SHIFT, check_sd3_files, load_sd3_models
-from library.models.sd3_text import (Sd3TextOptions, dropout_masks, encode_sd3, load_sd3_tokenizers, sd3_conditioning,
+from library.models.sd3_text import (Sd3TextOptions, T5Placement, dropout_masks, encode_sd3, load_sd3_tokenizers,
+                                     place_sd3_text_encoders, sd3_conditioning,
                                      tokenize_sd3)
 from library.models.tokenizers import TokenizerUnavailable
 from library.offload import BlockSwapper, check_block_swap_flags, move_except_blocks
-from library.run_config import SampleConfig
+from library.run_config import RunConfig, SampleConfig, precision_dtype
 from library.sample_images import cfg, flow_latents, generate_samples
 from library.sample_prompts import SamplePrompt
 from library.trainer import Models, NetworkTrainer, TrainingDiverged
@@ -44,10 +47,6 @@ SD3_UNSUPPORTED = {
         "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
         "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_snr_gamma", "debiased_estimation_loss")}, "clip_skip": "SD3 always uses the penultimate CLIP layers",
     "max_token_length": "SD3 uses 77 CLIP tokens; set the T5 length with --t5xxl_max_token_length",
-    "t5xxl_device": "not implemented yet: T5-XXL runs on the training device (cache its outputs to free that memory)",
-    "t5xxl_dtype": "not implemented yet: T5-XXL runs in the --mixed_precision dtype",
-    "enable_scaled_pos_embed": "multi-resolution position-embedding scaling is not implemented yet",
-    "pos_emb_random_crop_rate": "random position-embedding crops are not implemented yet",
 }
 
 
@@ -58,6 +57,11 @@ class Sd3NetworkTrainer(NetworkTrainer):
         self.text_options = Sd3TextOptions.from_args(args)
         self.loss_config = FlowMatchingLossConfig.from_args(args)
         self.dropout_rates = (args.clip_l_dropout_rate, args.clip_g_dropout_rate, args.t5_dropout_rate)
+        self.t5_placement = T5Placement.from_args(args)
+        if not 0.0 <= args.pos_emb_random_crop_rate <= 1.0:
+            raise ValueError(f"--pos_emb_random_crop_rate must be between 0 and 1, got {args.pos_emb_random_crop_rate}")
+        self.pos_emb_random_crop_rate = args.pos_emb_random_crop_rate
+        self.scaled_pos_embed = args.enable_scaled_pos_embed
 
     def check_model_files(self, args: argparse.Namespace) -> None:
         check_sd3_files(args.pretrained_model_name_or_path or "", clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
@@ -66,7 +70,7 @@ class Sd3NetworkTrainer(NetworkTrainer):
     def load_models(self, args: argparse.Namespace) -> Models:
         tokenizers = load_sd3_tokenizers(args.tokenizer_cache_dir)
         loaded = load_sd3_models(args.pretrained_model_name_or_path, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
-                                 vae=args.vae, mmap=not args.disable_mmap_load_safetensors)
+                                 vae=args.vae, t5_dtype=self.t5_placement.dtype, mmap=not args.disable_mmap_load_safetensors)
         logger.info("loaded %s MMDiT (%s)", loaded.variant, loaded.mmdit_config)
         check_block_swap_flags(args.blocks_to_swap, len(loaded.mmdit.joint_blocks), gradient_checkpointing=args.gradient_checkpointing,
                                cpu_offload_checkpointing=args.cpu_offload_checkpointing, cuda_available=torch.cuda.is_available())
@@ -99,6 +103,12 @@ class Sd3NetworkTrainer(NetworkTrainer):
         swapper.install()
         logger.info("block swap: %d of %d joint blocks stay in CPU memory", args.blocks_to_swap, len(mmdit.joint_blocks))
 
+    def place_text_encoders(self, args: argparse.Namespace, run: RunConfig, models: Models, device: torch.device) -> None:
+        place_sd3_text_encoders(models.extra["text"], self.t5_placement, device=device, dtype=run.weight_dtype)
+        if self.t5_placement != T5Placement():
+            t5_device, t5_dtype = self.t5_placement.resolve(device, run.weight_dtype)
+            logger.info("T5-XXL encodes on %s in %s", t5_device, t5_dtype)
+
     def cache_producers(self, args: argparse.Namespace) -> tuple[str, str]:
         checkpoint = file_identity(args.pretrained_model_name_or_path)
         precision = "fp32" if args.no_half_vae or args.mixed_precision == "no" else args.mixed_precision
@@ -107,6 +117,9 @@ class Sd3NetworkTrainer(NetworkTrainer):
         options = self.text_options
         text = (f"sd3-text:{encoders}:t5_max_length={options.t5_max_length}:lg_mask={options.apply_lg_attn_mask}"
                 f":t5_mask={options.apply_t5_attn_mask}")
+        t5_dtype = self.t5_placement.dtype
+        if t5_dtype is not None and t5_dtype != precision_dtype(args.mixed_precision):  # else the shared key says it
+            text += f":t5_dtype={str(t5_dtype).removeprefix('torch.')}"
         return latents, text
 
     def encode_images(self, models: Models, images: torch.Tensor) -> torch.Tensor:
@@ -124,12 +137,23 @@ class Sd3NetworkTrainer(NetworkTrainer):
         context, pooled = sd3_conditioning(text, clip_l_drop=drops[0], clip_g_drop=drops[1], t5_drop=drops[2],
                                            context_dim=models.denoiser.config.context_in_dim)
         context, pooled = context.to(latents.dtype), pooled.to(latents.dtype)
+        crop_range = models.denoiser.pos_embed_crop_range(latents.shape[-2], latents.shape[-1])
+        offset = draw_pos_embed_offset(self.pos_emb_random_crop_rate, crop_range, generator, latents.device)
 
         def denoise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return models.denoiser(noisy, timesteps, context, pooled)
+            return models.denoiser(noisy, timesteps, context, pooled, pos_embed_offset=offset)
 
         return flow_matching_loss(denoise, latents, config=self.loss_config, loss_weights=batch["loss_weights"],
                                   alpha_masks=batch["alpha_masks"], generator=generator)
+
+    def _cache_inputs(self, args, run, models: Models, train_set, val_set, accelerator) -> None:
+        # The one point after loading where the models and the dataset meet: scaled position embeddings need
+        # the training buckets (sd-scripts reads its dataset's resolutions the same way).
+        if self.scaled_pos_embed:
+            sizes = bucket_latent_sizes(reso for reso, _ in train_set.bucket_summary())
+            logger.info("scaled position embeddings for latent sizes %s", sizes)
+            models.denoiser.enable_scaled_pos_embed(sizes)
+        super()._cache_inputs(args, run, models, train_set, val_set, accelerator)
 
     def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
         def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
@@ -161,6 +185,29 @@ class Sd3NetworkTrainer(NetworkTrainer):
             trigger_phrase=args.metadata_trigger_phrase, preprocessor=args.metadata_preprocessor,
             is_negative_embedding=args.metadata_is_negative_embedding))
         return meta
+
+
+def bucket_latent_sizes(resolutions: Iterable[tuple[int, int]]) -> list[int]:
+    """Per bucket (width, height) in pixels, the side of the square latent of the same area (VAE stride 8),
+    as sd-scripts computes the sizes it prepares scaled position embeddings for; sorted, without repeats."""
+    return sorted({round(math.sqrt(width * height)) // 8 for width, height in resolutions})
+
+
+def draw_pos_embed_offset(rate: float, crop_range: tuple[int, int], generator: torch.Generator | None,
+                          device: torch.device) -> tuple[int, int] | None:
+    """With probability ``rate`` a uniform (top, left) window offset in 0..crop_range, else None (centred).
+
+    sd-scripts' --pos_emb_random_crop_rate, once per model call. Three uniforms are drawn whatever the
+    outcome (and none at rate 0), so later draws from the step's generator do not depend on it.
+    """
+    if rate <= 0.0:
+        return None
+    device = generator.device if generator is not None else device
+    take, top, left = torch.rand(3, generator=generator, device=device).tolist()
+    if take >= rate:
+        return None
+    max_top, max_left = crop_range
+    return min(int(top * (max_top + 1)), max_top), min(int(left * (max_left + 1)), max_left)
 
 
 def _now() -> float:

@@ -15,27 +15,41 @@ Prints a human summary and one JSON line (prefixed "RESULT ") per run; --json_ou
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from library.diffusion.ddpm import DdpmSchedule  # noqa: E402
-from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss  # noqa: E402
-from library.models.sd_unet import SD1_UNET_CONFIG, SD2_UNET_CONFIG, SdUNet, SdUNetConfig  # noqa: E402
-from library.optim import OptimizerConfig, build_optimizer  # noqa: E402
-from library.trainer import seed_step  # noqa: E402
-from networks.lora import create_network  # noqa: E402
+from bench.bench_common import (
+    GIB,
+    Step,
+    bf16_matmul_tflops,
+    count_flops,
+    cuda_memory_fields,
+    emit,
+    host_launch_us,
+    memory_split,
+    profile_steps,
+    time_steps,
+    timing_fields,
+    utilisation,
+)
+from library.diffusion.ddpm import DdpmSchedule
+from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
+from library.models.sd_unet import (
+    SD1_UNET_CONFIG,
+    SD2_UNET_CONFIG,
+    SdUNet,
+    SdUNetConfig,
+)
+from library.optim import OptimizerConfig, build_optimizer
+from library.trainer import seed_step
+from networks.lora import create_network
 
-GIB = 1024**3
 # (U-Net config, context width, default resolution, v-parameterization): SD2.1 768-v trains v-prediction at 768².
 MODELS = {
     "sd15": (SD1_UNET_CONFIG, 768, 512, False),
@@ -104,7 +118,8 @@ def build(options: argparse.Namespace) -> Bench:
     if options.full_bf16:
         network.to(torch.bfloat16)
     params, _ = network.prepare_optimizer_params(None, None, 1e-4)
-    _, optimizer = build_optimizer(OptimizerConfig(options.optimizer_type, 1e-4, (), 1.0, False), params)
+    optimizer_config = OptimizerConfig(options.optimizer_type, learning_rate=1e-4, optimizer_args=(), max_grad_norm=1.0)
+    _, optimizer = build_optimizer(optimizer_config, params)
     side = resolution // 8
     latents = torch.randn(options.batch_size, config.in_channels, side, side)
     context = torch.randn(options.batch_size, TEXT_TOKENS, context_dim)
@@ -138,31 +153,8 @@ def train_step(bench: Bench, after_forward: Callable[[], None] | None = None) ->
     return loss.detach().item()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_steps(bench: Bench, warmup: int, steps: int) -> list[float]:
-    """Wall seconds of each timed step, the device synchronised around every one."""
-    for _ in range(warmup):
-        train_step(bench)
-    times = []
-    for _ in range(steps):
-        synchronize(bench.device)
-        start = time.perf_counter()
-        train_step(bench)
-        synchronize(bench.device)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def count_flops(bench: Bench) -> tuple[int, dict[str, int]]:
-    """FLOPs of one whole step (forward, backward and any checkpoint recompute), total and per aten op."""
-    with FlopCounterMode(display=False) as counter:
-        train_step(bench)
-    per_op = {str(op).split(".")[-1] if "." in str(op) else str(op): int(n) for op, n in counter.get_flop_counts()["Global"].items()}
-    return int(counter.get_total_flops()), per_op
+def _step(bench: Bench) -> Step:
+    return lambda after_forward: train_step(bench, after_forward)
 
 
 def model_flops(options: argparse.Namespace) -> int:
@@ -179,113 +171,39 @@ def model_flops(options: argparse.Namespace) -> int:
     latents = torch.randn(options.batch_size, config.in_channels, side, side, device="meta")
     context = torch.randn(options.batch_size, TEXT_TOKENS, context_dim, device="meta")
     timesteps = torch.zeros(options.batch_size, dtype=torch.long, device="meta")
-    with FlopCounterMode(display=False) as counter:
-        unet(latents, timesteps, context).float().square().mean().backward()
-    return int(counter.get_total_flops())
-
-
-def host_launch_us(device: torch.device, launches: int = 20000) -> float:
-    """Host time per launch of a trivial kernel: the floor on the cost of every op a step dispatches."""
-    x = torch.zeros(1, device=device)
-    for _ in range(100):
-        x.add_(1)
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(launches):
-        x.add_(1)
-    synchronize(device)
-    return (time.perf_counter() - start) / launches * 1e6
-
-
-def memory_split(bench: Bench) -> dict[str, float]:
-    """GiB held after the forward pass (what backward keeps) and the step's peak, the flop-counting step excluded."""
-    held = {}
-    synchronize(bench.device)
-    torch.cuda.reset_peak_memory_stats(bench.device)
-    train_step(bench, after_forward=lambda: held.setdefault("after_forward_gib", torch.cuda.memory_allocated(bench.device) / GIB))
-    held["step_peak_gib"] = torch.cuda.max_memory_allocated(bench.device) / GIB
-    return held
-
-
-def bf16_matmul_tflops(device: torch.device, size: int, repeats: int = 20) -> float:
-    """Measured bf16 matmul rate (median of `repeats` products on random data, events around each)."""
-    a = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    b = torch.randn(size, size, device=device, dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end) / 1e3)
-    return 2 * size**3 / statistics.median(samples) / 1e12
-
-
-def profile_steps(bench: Bench, steps: int = 3) -> dict:
-    """Sum of GPU kernel time and kernel launches per step, against wall time, plus the top kernels."""
-    from torch.profiler import ProfilerActivity, profile
-
-    synchronize(bench.device)
-    start = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            train_step(bench)
-        synchronize(bench.device)
-    wall = (time.perf_counter() - start) / steps
-    # gpu_user_annotation rows (e.g. the optimizer's range) sit on the CUDA timeline too but are spans, not kernels.
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
-    kernel_time = sum(e.time_range.elapsed_us() for e in kernels) / 1e6 / steps
-    try:
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70)
-    except (KeyError, AttributeError, ValueError):
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70)
-    return {"profiled_wall_s": wall, "kernel_s_per_step": kernel_time, "kernels_per_step": len(kernels) // steps,
-            "gpu_busy_fraction": kernel_time / wall if kernels else None, "table": table}
+    flops, _ = count_flops(lambda: unet(latents, timesteps, context).float().square().mean().backward())
+    return flops
 
 
 def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> dict:
     bench = build(options)
-    device = bench.device
+    device, step = bench.device, _step(bench)
     lora_params = sum(p.numel() for p in bench.network.parameters())
     unet_params = sum(p.numel() for p in bench.unet.parameters())
     setup_gib = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
-    flops, per_op = count_flops(bench)
+    flops, per_op = count_flops(lambda: train_step(bench))
     no_recompute_flops = model_flops(options)
-    split = memory_split(bench) if device.type == "cuda" else {}
-    times = time_steps(bench, options.warmup, options.steps)
+    split = memory_split(step, device) if device.type == "cuda" else {}
+    times = time_steps(step, device, options.warmup, options.steps)
     result = {
         "model": options.model, "resolution": (options.resolution or MODELS[options.model][2]), "batch_size": options.batch_size,
         "gradient_checkpointing": not options.no_gradient_checkpointing, "optimizer": options.optimizer_type,
         "lora_dtype": "bf16" if options.full_bf16 else "fp32",
         "network_dim": options.network_dim, "unet_params": unet_params, "lora_params": lora_params,
-        "s_per_step_median": statistics.median(times), "s_per_step_min": min(times), "s_per_step_max": max(times),
-        "s_per_step_p90": sorted(times)[int(0.9 * (len(times) - 1))],
-        "steps_timed": len(times), "tflop_per_step": flops / 1e12, "flops_by_op": per_op,
+        **timing_fields(times), "tflop_per_step": flops / 1e12, "flops_by_op": per_op,
         "model_tflop_per_step": no_recompute_flops / 1e12,
         "torch": torch.__version__,
     }
     if device.type == "cuda":
-        result.update(gpu=torch.cuda.get_device_name(device), setup_gib=setup_gib,
-                      peak_allocated_gib=torch.cuda.max_memory_allocated(device) / GIB,
-                      peak_reserved_gib=torch.cuda.max_memory_reserved(device) / GIB, **split,
-                      host_launch_us=host_launch_us(device))
+        result.update(cuda_memory_fields(device), setup_gib=setup_gib, **split, host_launch_us=host_launch_us(device))
         if options.matmul_size:
-            peak = bf16_matmul_tflops(device, options.matmul_size)
-            seconds = result["s_per_step_median"]
-            result.update(bf16_matmul_tflops=peak, executed_tflops=flops / seconds / 1e12, hfu=flops / seconds / 1e12 / peak,
-                          mfu=no_recompute_flops / seconds / 1e12 / peak)
+            result.update(utilisation(flops, no_recompute_flops, result["s_per_step_median"],
+                                      bf16_matmul_tflops(device, options.matmul_size)))
         if options.profile:
-            profiled = profile_steps(bench)
+            profiled = profile_steps(step, device)
             report(profiled.pop("table"))
             result.update(profiled)
-    report(summary(result))
-    report("RESULT " + json.dumps(result))
-    if options.json_out:
-        with open(options.json_out, "a", encoding="utf-8") as out:
-            out.write(json.dumps(result) + "\n")
+    emit(result, summary(result), options.json_out, report)
     return result
 
 

@@ -67,8 +67,8 @@ UNSUPPORTED: Mapping[str, str] = MappingProxyType({
     "conditioning_data_dir": "ControlNet-style conditioning data is not used for LoRA training",
     "weighted_captions": "weighted captions are not implemented yet",
     "v_pred_like_loss": "the v-prediction-like loss is not implemented yet",
-    "fp8_base": "fp8 base weights are supported for SD3 only (later)",
-    "fp8_base_unet": "fp8 base weights are supported for SD3 only (later)",
+    "fp8_base": "fp8 base weights are implemented for sd3_train_network.py only so far",
+    "fp8_base_unet": "fp8 base weights are implemented for sd3_train_network.py only so far",
     "fused_backward_pass": "the fused backward pass is for full fine-tuning; LoRA training does not use it",
 })
 """Flags of train_network.py that this trainer rejects, each with the one-line reason the user sees.

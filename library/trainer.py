@@ -96,6 +96,12 @@ class NetworkTrainer:
         """Put the frozen denoiser on the training device (a family with block swap or fp8 weights does more)."""
         models.denoiser.to(device, dtype=dtype)
 
+    def place_text_encoders(self, args: argparse.Namespace, run: RunConfig, models: Models, device: torch.device) -> None:
+        """Put the frozen text encoders where they encode: the training device, in the base-weight dtype
+        (SD3 keeps T5-XXL where --t5xxl_device / --t5xxl_dtype say)."""
+        for encoder in models.text_encoders:
+            encoder.to(device, dtype=run.weight_dtype)
+
     # ------------------------------------------------------------------ the run
     def train(self, args: argparse.Namespace) -> Path | None:
         resumed = TrainState.read(resolve_resume_folder(args.resume)) if args.resume else None
@@ -153,8 +159,7 @@ class NetworkTrainer:
                                           latent_key, to_disk=args.cache_latents_to_disk, batch_size=args.vae_batch_size,
                                           skip_check=args.skip_cache_check, show_progress=accelerator.is_local_main_process)
             if args.cache_text_encoder_outputs:
-                for encoder in models.text_encoders:
-                    encoder.to(device, dtype=run.weight_dtype)
+                self.place_text_encoders(args, run, models, device)
                 for dataset in datasets:
                     dataset.cache_text_outputs(lambda captions: {k: v.float().cpu() for k, v in self.encode_text(models, captions).items()},
                                                text_key, to_disk=args.cache_text_encoder_outputs_to_disk,
@@ -170,8 +175,7 @@ class NetworkTrainer:
     def _place_models(self, args, run: RunConfig, models: Models, network, train_text_encoder: bool, device) -> None:
         self.place_denoiser(args, models, device, run.weight_dtype)
         if not args.cache_text_encoder_outputs:
-            for encoder in models.text_encoders:
-                encoder.to(device, dtype=run.weight_dtype)
+            self.place_text_encoders(args, run, models, device)
         if run.gradient_checkpointing:
             models.denoiser.set_gradient_checkpointing(True, cpu_offload=args.cpu_offload_checkpointing)
             if train_text_encoder:

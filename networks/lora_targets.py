@@ -25,6 +25,11 @@ from torch import nn
 
 SD_UNET_NUM_BLOCKS = 25  # IN00..IN11, MID, OUT00..OUT11 as sd-scripts numbers a full-size SD1/2 U-Net
 SD_BLOCK_NAMES = tuple([f"IN{i:02d}" for i in range(12)] + ["MID"] + [f"OUT{i:02d}" for i in range(12)])
+# sd-scripts' 23 SDXL blocks: embeddings (no LoRA), input_blocks 0-8, middle_block 0-2, output_blocks 0-8, out.
+SDXL_BLOCK_NAMES = tuple(
+    ["BASE"] + [f"IN{i:02d}" for i in range(9)] + [f"MID{i:02d}" for i in range(3)] + [f"OUT{i:02d}" for i in range(9)]
+    + ["OUT"]
+)
 
 
 def _same_path(model: nn.Module, path: str) -> str:
@@ -138,6 +143,17 @@ def sd_unet_block_index(diffusers_path: str) -> int | None:
     return 1 + offset if direction == "down" else 13 + offset
 
 
+_SGM_UNET_BLOCK = re.compile(r"^(input_blocks|middle_block|output_blocks)\.(\d+)\.")
+_SGM_BLOCK_OFFSET = {"input_blocks": 1, "middle_block": 10, "output_blocks": 13}
+
+
+def sdxl_unet_block_index(path: str) -> int | None:
+    """Block id of an SDXL U-Net layer from its sgm module path (sd-scripts' SDXL numbering):
+    input_blocks.i -> 1 + i, middle_block.i -> 10 + i, output_blocks.i -> 13 + i."""
+    match = _SGM_UNET_BLOCK.match(path)
+    return _SGM_BLOCK_OFFSET[match.group(1)] + int(match.group(2)) if match else None
+
+
 def _sd_unet_lora_path(unet: nn.Module, path: str) -> str:
     # sd-scripts trains SD1/2 on a diffusers-named U-Net, so its files spell diffusers paths.
     from library.models.sd_unet_keys import ldm_to_diffusers_unet_key
@@ -157,6 +173,15 @@ SD_UNET_TARGETS = ModuleTargets(
     lora_path=_sd_unet_lora_path,
     block_index=sd_unet_block_index,
     block_names=SD_BLOCK_NAMES,
+)
+
+# SDXL: the same containers, but sd-scripts' SDXL files spell the sgm module paths, which are ours.
+SDXL_UNET_TARGETS = ModuleTargets(
+    prefix="lora_unet",
+    container_classes=frozenset({"SpatialTransformer"}),
+    conv_container_classes=frozenset({"ResBlock", "Downsample", "Upsample"}),
+    block_index=sdxl_unet_block_index,
+    block_names=SDXL_BLOCK_NAMES,
 )
 
 # A diffusers UNet2DConditionModel already has the names sd-scripts writes: same file, other classes.
@@ -218,7 +243,9 @@ MMDIT_TARGETS = ModuleTargets(
     family_args=frozenset({"split_qkv"}),
 )
 
+# First match wins: SdxlUNet subclasses SdUNet, so it comes first.
 DENOISER_TARGETS: tuple[FamilyEntry, ...] = (
+    FamilyEntry("SDXL U-Net", ("library.models.sd_unet:SdxlUNet",), SDXL_UNET_TARGETS),
     FamilyEntry("SD1/2 U-Net", ("library.models.sd_unet:SdUNet",), SD_UNET_TARGETS),
     FamilyEntry(
         "SD1/2 U-Net (diffusers)",

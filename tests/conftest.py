@@ -1,4 +1,4 @@
-"""Shared session fixtures: tiny SD1/SD2/SD3 single-file checkpoints, separate SD3 text-encoder files and
+"""Shared session fixtures: tiny SD1/SD2/SDXL/SD3 single-file checkpoints, separate SD3 text-encoder files and
 tokenizer cache folders.
 
 Built once per session from library.fixtures (seeded, well under a second each); tests must treat them as
@@ -19,6 +19,7 @@ from library.fixtures.tiny_sd3 import (
     write_tiny_sd3_text_encoder_files,
     write_tiny_sd3_tokenizer_cache,
 )
+from library.fixtures.tiny_sdxl import write_tiny_sdxl_checkpoint, write_tiny_sdxl_tokenizer_cache
 
 
 # Tests run two workers on two cores; more torch threads per worker oversubscribe the CPU and run far slower.
@@ -68,3 +69,15 @@ def tiny_sd3_text_encoder_files(tmp_path_factory: pytest.TempPathFactory) -> dic
 def sd3_tokenizer_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``--tokenizer_cache_dir`` with the CLIP-L, CLIP-G and T5 tokenizers under sd-scripts' folder names."""
     return write_tiny_sd3_tokenizer_cache(tmp_path_factory.mktemp("sd3_tokenizer_cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An SDXL base single file: sgm U-Net, VAE, CLIP-L (HF naming) and OpenCLIP bigG under their real prefixes."""
+    return write_tiny_sdxl_checkpoint(tmp_path_factory.mktemp("sdxl") / "tiny_sdxl.safetensors")
+
+
+@pytest.fixture(scope="session")
+def sdxl_tokenizer_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ``--tokenizer_cache_dir`` with the CLIP-L and bigG tokenizers under sd-scripts' folder names."""
+    return write_tiny_sdxl_tokenizer_cache(tmp_path_factory.mktemp("sdxl_tokenizer_cache"))

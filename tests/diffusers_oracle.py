@@ -39,6 +39,9 @@ def diffusers_vae_config() -> dict:
 
 def ldm_unet_yaml(config: SdUNetConfig) -> dict:
     """The ldm YAML diffusers' converter reads the U-Net layout from (as a dict)."""
+    # ldm/sgm read one depth per level and take the middle block's from the last level; levels without
+    # attention ignore theirs, so they carry the middle depth here.
+    depth = [count or config.middle_transformer_depth for count in config.transformer_depth]
     if config.num_head_channels is None:
         heads = {"num_heads": config.num_heads}
     else:
@@ -51,7 +54,7 @@ def ldm_unet_yaml(config: SdUNetConfig) -> dict:
         "num_res_blocks": config.num_res_blocks,
         "channel_mult": list(config.channel_mult),
         "use_linear_in_transformer": config.use_linear_in_transformer,
-        "transformer_depth": config.transformer_depth,
+        "transformer_depth": depth,
         "context_dim": config.context_dim,
         **heads,
     }

@@ -236,13 +236,32 @@ def test_infer_config_rejects_other_state_dicts():
         sd = SdUNet(TINY_SD1).state_dict()
     with pytest.raises(ValueError, match="model.diffusion_model."):
         infer_unet_config(prefixed(sd))
-    with pytest.raises(ValueError, match="label_emb"):
-        infer_unet_config({**sd, "label_emb.0.0.weight": torch.zeros(1)})
+    with pytest.raises(ValueError, match="class-label table"):
+        infer_unet_config({**sd, "label_emb.weight": torch.zeros(1000, 128)})  # the x4 upscaler's nn.Embedding
 
 
 def test_config_rejects_attention_level_out_of_range():
     with pytest.raises(ValueError, match="attention_levels"):
         SdUNetConfig(channel_mult=(1, 2), attention_levels=(0, 2))
+    with pytest.raises(ValueError, match="attention_levels"):
+        SdUNetConfig(channel_mult=(1, 2), attention_levels=())
+
+
+def test_int_transformer_depth_becomes_one_count_per_level():
+    assert SD1_UNET_CONFIG.transformer_depth == (1, 1, 1, 0)
+    assert TINY_SD2.transformer_depth == (0, 2)
+    assert TINY_SD2.middle_transformer_depth == 2
+    assert SdUNetConfig(channel_mult=(1, 2), attention_levels=(1,), transformer_depth=(0, 3)) == dataclasses.replace(
+        SdUNetConfig(channel_mult=(1, 2), attention_levels=(1,)), transformer_depth=3
+    )
+
+
+@pytest.mark.parametrize(
+    "depth", [(1, 2), (0, 0), (0, 2, 2), (-1, 2)], ids=["depth-without-attention", "zero", "length", "negative"]
+)
+def test_config_rejects_depth_tuple_that_disagrees_with_attention_levels(depth):
+    with pytest.raises(ValueError, match="transformer_depth"):
+        SdUNetConfig(channel_mult=(1, 2), attention_levels=(1,), transformer_depth=depth)
 
 
 def test_gradient_checkpointing_recomputes_blocks_with_identical_grads():

@@ -20,8 +20,9 @@ L text tokens, D hidden size.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -95,15 +96,95 @@ def crop_pos_embed(
     The window is centred unless ``top``/``left`` say otherwise (sd-scripts' random crop); centring
     rounds towards the top-left, as the reference does.
     """
-    top = (max_size - height) // 2 if top is None else top
-    left = (max_size - width) // 2 if left is None else left
-    if not (0 <= top <= max_size - height and 0 <= left <= max_size - width):
-        raise ValueError(
-            f"a {height}x{width} patch grid at offset ({top}, {left}) does not fit the {max_size}x{max_size} "
-            "position-embedding grid; use smaller latents or offsets within range"
-        )
+    top, left = _window_origin(max_size, height, width, top, left)
     grid = pos_embed.unflatten(1, (max_size, max_size))  # (1, max, max, D)
     return grid[:, top : top + height, left : left + width].flatten(1, 2)
+
+
+def _window_origin(side: int, height: int, width: int, top: int | None, left: int | None) -> tuple[int, int]:
+    """The checked top-left corner of a (height x width) window in a side x side grid; centred when not given."""
+    top = (side - height) // 2 if top is None else top
+    left = (side - width) // 2 if left is None else left
+    if not (0 <= top <= side - height and 0 <= left <= side - width):
+        raise ValueError(
+            f"a {height}x{width} patch grid at offset ({top}, {left}) does not fit the {side}x{side} "
+            "position-embedding grid; use smaller latents or offsets within range"
+        )
+    return top, left
+
+
+# Scaled position embeddings (sd-scripts' --enable_scaled_pos_embed, contributed there by KohakuBlueleaf).
+# For multi-resolution training each training resolution gets its own sin-cos grid instead of a crop of the
+# stored table: a "reference" input of r x r patches always spans the same SCALED_BASE_SIZE position units
+# around the same centre, so small and large images see position values over the same range. The grid is
+# SCALED_GRID_RATIO times the reference, leaving room for other aspect ratios and for random crops.
+SCALED_BASE_SIZE = 16
+SCALED_GRID_RATIO = 1.5
+
+
+def sincos_pos_embed(dim: int, rows: Tensor, cols: Tensor) -> Tensor:
+    """2D sin-cos embedding of the grid rows x cols (1D position tensors) -> (1, len(rows) * len(cols), dim).
+
+    Row-major tokens; the first half of the channels encodes the column position, the second the row
+    (the layout of the tables SD3 checkpoints store, from MAE's ``get_2d_sincos_pos_embed``). Each half is
+    sines then cosines at frequencies 10000 ** (-k / (dim / 4)), k = 0 .. dim/4 - 1.
+    """
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos position embedding needs a width divisible by 4, got {dim}")
+    quarter = dim // 4
+    frequencies = 10000.0 ** -(torch.arange(quarter, dtype=torch.float32, device=rows.device) / quarter)
+
+    def axis(positions: Tensor) -> Tensor:
+        angles = positions.float()[:, None] * frequencies  # (len, dim/4)
+        return torch.cat([angles.sin(), angles.cos()], dim=1)  # (len, dim/2)
+
+    col_part = axis(cols)[None].expand(len(rows), -1, -1)  # (rows, cols, dim/2)
+    row_part = axis(rows)[:, None].expand(-1, len(cols), -1)
+    return torch.cat([col_part, row_part], dim=-1).flatten(0, 1)[None]
+
+
+def scaled_grid_side(reference: int) -> int:
+    """Side, in patches, of the scaled grid built for a reference size."""
+    return int(reference * SCALED_GRID_RATIO)
+
+
+def scaled_pos_embed_reference(references: Sequence[int], height: int, width: int) -> int:
+    """The reference size (in patches) whose scaled grid an input of height x width patches uses.
+
+    ``references`` are sorted ascending. By area, as sd-scripts does: a reference serves inputs up to midway
+    between its square and the next one's (the largest serves everything above). An input too tall or wide
+    for that grid gets its own reference, its longer side. (sd-scripts also remembers such a reference for
+    later inputs, so its choice depends on what came before; ours depends on the input alone.)
+    """
+    area = height * width
+    reference = references[-1]
+    for smaller, larger in pairwise(references):
+        if area <= (smaller**2 + larger**2) // 2:
+            reference = smaller
+            break
+    side = scaled_grid_side(reference)
+    return reference if height <= side and width <= side else max(height, width)
+
+
+def scaled_pos_embed(
+    dim: int, reference: int, height: int, width: int, top: int | None = None, left: int | None = None,
+    device: torch.device | None = None,
+) -> Tensor:
+    """The (height x width) window of the scaled sin-cos grid of a reference size, as (1, height*width, dim).
+
+    Grid index i along either axis sits at position (i - (side - reference) / 2) * SCALED_BASE_SIZE / reference:
+    position 0 lies (side - reference) / 2 patches in from the edge and every reference-wide stretch spans
+    SCALED_BASE_SIZE units. The window is centred unless ``top``/``left`` say otherwise (random crops), like
+    ``crop_pos_embed``.
+    """
+    side = scaled_grid_side(reference)
+    top, left = _window_origin(side, height, width, top, left)
+    spacing, centre_offset = SCALED_BASE_SIZE / reference, (side - reference) / 2
+
+    def positions(start: int, count: int) -> Tensor:
+        return (torch.arange(start, start + count, dtype=torch.float32, device=device) - centre_offset) * spacing
+
+    return sincos_pos_embed(dim, positions(top, height), positions(left, width))
 
 
 def unpatchify(tokens: Tensor, height: int, width: int, patch_size: int) -> Tensor:
@@ -281,7 +362,8 @@ class MMDiT(nn.Module):
     """The SD3/SD3.5 denoiser: velocity prediction from noisy latents, timesteps, text tokens and pooled text.
 
     Gradient checkpointing and CPU offload of the checkpointed inputs are switched on from outside
-    (``set_gradient_checkpointing``); ``joint_blocks`` is the list block swapping walks.
+    (``set_gradient_checkpointing``), as are scaled position embeddings (``enable_scaled_pos_embed``);
+    ``joint_blocks`` is the list block swapping walks.
     """
 
     def __init__(self, config: MMDiTConfig):
@@ -289,6 +371,7 @@ class MMDiT(nn.Module):
         self.config = config
         self.gradient_checkpointing = False
         self.cpu_offload_checkpointing = False
+        self.scaled_pos_embed_references: tuple[int, ...] = ()  # empty: crops of the stored table
         dim = config.hidden_size
         self.x_embedder = PatchEmbed(config.in_channels, dim, config.patch_size)
         self.t_embedder = TimestepEmbedder(dim)
@@ -317,17 +400,54 @@ class MMDiT(nn.Module):
         self.gradient_checkpointing = enabled
         self.cpu_offload_checkpointing = enabled and cpu_offload
 
+    def enable_scaled_pos_embed(self, latent_sizes: Iterable[int]) -> None:
+        """Use scaled position embeddings (sd-scripts' --enable_scaled_pos_embed) instead of the stored table.
+
+        ``latent_sizes``: for each training resolution, the side of the square latent of the same area
+        (``round(sqrt(width * height)) // 8`` for a width x height bucket). Each becomes a reference size
+        (in patches) with its own grid; see ``scaled_pos_embed_reference`` for which one an input uses. The
+        embeddings are computed per call from the formula, so nothing is cached and no table is stored.
+        """
+        sizes = sorted(set(latent_sizes))
+        references = sorted({size // self.config.patch_size for size in sizes})
+        if not references or references[0] < 1:
+            raise ValueError(
+                f"MMDiT.enable_scaled_pos_embed needs latent sizes of at least {self.config.patch_size} "
+                f"(one patch), got {sizes}"
+            )
+        self.scaled_pos_embed_references = tuple(references)
+
+    def pos_embed_crop_range(self, height: int, width: int) -> tuple[int, int]:
+        """The largest (top, left) window offset ``forward`` accepts for a (height, width) latent."""
+        rows, cols = self.patch_grid(height, width)
+        if self.scaled_pos_embed_references:
+            side = scaled_grid_side(scaled_pos_embed_reference(self.scaled_pos_embed_references, rows, cols))
+        else:
+            side = self.config.pos_embed_max_size
+        return side - rows, side - cols
+
+    def position_embedding(self, rows: int, cols: int, offset: tuple[int, int] | None = None) -> Tensor:
+        """(1, rows*cols, D) position embedding of a rows x cols patch grid, from the window at ``offset``."""
+        top, left = offset if offset is not None else (None, None)
+        references = self.scaled_pos_embed_references
+        if not references:
+            return crop_pos_embed(self.pos_embed, self.config.pos_embed_max_size, rows, cols, top, left)
+        reference = scaled_pos_embed_reference(references, rows, cols)
+        return scaled_pos_embed(self.config.hidden_size, reference, rows, cols, top, left, device=self.pos_embed.device)
+
     def _run_block(self, block: JointBlock, x: Tensor, context: Tensor, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return block(x, context, c)
         return checkpointed(block, x, context, c, cpu_offload=self.cpu_offload_checkpointing)
 
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
-        """Patch rows and columns for a (height, width) latent; checks it fits the position grid."""
+        """Patch rows and columns for a (height, width) latent; checks it fits the stored position grid
+        (scaled position embeddings have no size limit)."""
         p, max_size = self.config.patch_size, self.config.pos_embed_max_size
         if height % p or width % p:
             raise ValueError(f"MMDiT: latent size {height}x{width} is not a multiple of the patch size {p}")
-        if height // p > max_size or width // p > max_size:
+        fits = height // p <= max_size and width // p <= max_size
+        if not fits and not self.scaled_pos_embed_references:
             raise ValueError(
                 f"MMDiT: latent size {height}x{width} exceeds this model's position grid "
                 f"({max_size} patches = {max_size * p} latent pixels a side); use a lower resolution"
@@ -345,14 +465,13 @@ class MMDiT(nn.Module):
         """x (B, C, H, W) noisy latents, timesteps (B,) = sigma * 1000, context (B, L, context_in_dim),
         y (B, adm_in_channels) pooled text -> (B, out_channels, H, W).
 
-        ``pos_embed_offset`` (top, left) picks the window of the position grid (sd-scripts'
-        --pos_emb_random_crop_rate draws it); None centres it, as inference does. Computes in the dtype of
-        the weights and returns in the dtype of x.
+        ``pos_embed_offset`` (top, left) picks the window of the position grid, up to
+        ``pos_embed_crop_range`` (sd-scripts' --pos_emb_random_crop_rate draws it); None centres it, as
+        inference does. Computes in the dtype of the weights and returns in the dtype of x.
         """
         rows, cols = self.patch_grid(x.shape[-2], x.shape[-1])
         dtype = self.dtype
-        top, left = pos_embed_offset if pos_embed_offset is not None else (None, None)
-        pos = crop_pos_embed(self.pos_embed, self.config.pos_embed_max_size, rows, cols, top, left)
+        pos = self.position_embedding(rows, cols, pos_embed_offset)
         h = self.x_embedder(x.to(dtype)) + pos.to(dtype)  # (B, N, D)
         c = self.t_embedder(timesteps) + self.y_embedder(y.to(dtype))  # (B, D)
         tokens = self.context_embedder(context.to(dtype))  # (B, L, D)

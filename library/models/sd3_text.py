@@ -16,12 +16,13 @@ tensors, never assumed, so tiny test models work the same as the released ones.
 from __future__ import annotations
 
 import argparse
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 from library.models.tokenizers import (
@@ -87,12 +88,104 @@ class Sd3TextOptions:
         )
 
 
+# sd-scripts' --t5xxl_dtype values; fp8 is not one (--fp8_base stores T5's Linear weights in fp8 instead).
+T5_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+@dataclass(frozen=True)
+class T5Placement:
+    """Where T5-XXL runs and in which dtype (``--t5xxl_device``, ``--t5xxl_dtype``).
+
+    None means the default: the training device, and the dtype the other frozen weights take from
+    ``--mixed_precision``. T5-XXL is 4.7B parameters (9.5 GB in bf16): ``cpu`` keeps it off the GPU when its
+    outputs are not cached, and ``fp32`` avoids the fp16 overflow T5 is known for.
+    """
+
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> T5Placement:
+        """The placement from parsed sd-scripts flags; bad values raise a ValueError naming the flag."""
+        dtype = None
+        if args.t5xxl_dtype is not None:
+            dtype = T5_DTYPES.get(args.t5xxl_dtype)
+            if dtype is None:
+                hint = " (for fp8 weights use --fp8_base with --network_train_unet_only)" if "fp8" in args.t5xxl_dtype else ""
+                raise ValueError(f"--t5xxl_dtype {args.t5xxl_dtype!r}: expected one of {', '.join(T5_DTYPES)}{hint}")
+        device = _available_device(args.t5xxl_device) if args.t5xxl_device is not None else None
+        return cls(device=device, dtype=dtype)
+
+    def resolve(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+        """(device, dtype) for T5, given the training device and the base-weight dtype."""
+        return self.device or device, self.dtype or dtype
+
+
+def _available_device(text: str) -> torch.device:
+    try:
+        device = torch.device(text)
+    except RuntimeError as error:
+        raise ValueError(f"--t5xxl_device {text!r} is not a device name; use e.g. cpu, cuda or cuda:1") from error
+    if device.type == "cpu":
+        return device
+    accelerator = torch.accelerator.current_accelerator()
+    if accelerator is None or accelerator.type != device.type:
+        have = f"cpu and {accelerator.type}" if accelerator is not None else "only cpu"
+        raise ValueError(f"--t5xxl_device {text}: this machine has no {device.type} device ({have})")
+    if device.index is not None and device.index >= torch.accelerator.device_count():
+        raise ValueError(f"--t5xxl_device {text}: this machine has {torch.accelerator.device_count()} {device.type} devices")
+    return device
+
+
+def place_sd3_text_encoders(encoders: Sd3TextEncoders, t5: T5Placement, *, device: torch.device, dtype: torch.dtype) -> None:
+    """CLIP-L and CLIP-G go to the training device in ``dtype``; T5 where ``t5`` says.
+
+    Linear weights stored in fp8 (``--fp8_base``) keep their storage dtype. A T5 that carries LoRA layers must
+    stay on the training device, where the trained LoRA weights live.
+    """
+    for clip in (encoders.clip_l, encoders.clip_g):
+        _move(clip, device, dtype)
+    if encoders.t5xxl is None:
+        return
+    t5_device, t5_dtype = t5.resolve(device, dtype)
+    if not _same_device(t5_device, device) and _has_replaced_forward(encoders.t5xxl):
+        raise ValueError(f"--t5xxl_device {t5_device}: T5-XXL's LoRA (train_t5xxl=True) trains on the training device "
+                         f"{device}; drop --t5xxl_device, or train without T5 LoRA")
+    _move(encoders.t5xxl, t5_device, t5_dtype)
+
+
+def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)`` except for fp8 tensors, which ``Module.to`` would upcast."""
+    module.to(device)
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        if tensor.is_floating_point() and tensor.dtype not in _FP8_DTYPES and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` are the same device when 0 is the current one."""
+    if a.type != b.type:
+        return False
+    if a.type == "cpu" or a.index == b.index:
+        return True
+    current = torch.accelerator.current_device_index()
+    return (a.index if a.index is not None else current) == (b.index if b.index is not None else current)
+
+
+def _has_replaced_forward(model: nn.Module) -> bool:
+    """Whether a network module (LoRA & co.) routes any layer's forward through itself, as sd-scripts' networks do."""
+    return any("forward" in vars(module) for module in model.modules())
+
+
 def load_sd3_tokenizers(cache_dir: str | Path | None) -> Sd3Tokenizers:
-    """The tokenizers sd-scripts uses for SD3, from ``--tokenizer_cache_dir`` or the hub (saved there)."""
+    """The tokenizers sd-scripts uses for SD3, from ``--tokenizer_cache_dir`` (sd-scripts' hub-id folders, or a
+    diffusers SD3 model folder's ``tokenizer``, ``tokenizer_2``, ``tokenizer_3``) or the hub (saved there)."""
     return Sd3Tokenizers(
-        clip_l=load_clip_tokenizer(CLIP_L_TOKENIZER_ID, cache_dir),
-        clip_g=load_clip_tokenizer(CLIP_G_TOKENIZER_ID, cache_dir),
-        t5xxl=load_t5_tokenizer(T5_XXL_TOKENIZER_ID, cache_dir),
+        clip_l=load_clip_tokenizer(CLIP_L_TOKENIZER_ID, cache_dir, diffusers_folder="tokenizer"),
+        clip_g=load_clip_tokenizer(CLIP_G_TOKENIZER_ID, cache_dir, diffusers_folder="tokenizer_2"),
+        t5xxl=load_t5_tokenizer(T5_XXL_TOKENIZER_ID, cache_dir, diffusers_folder="tokenizer_3"),
     )
 
 
@@ -125,7 +218,8 @@ def encode_sd3(encoders: Sd3TextEncoders, tokens: dict[str, Tensor], options: Sd
 
     ``clip_l_hidden`` (B, 77, 768), ``clip_g_hidden`` (B, 77, 1280), ``clip_l_pooled`` (B, 768),
     ``clip_g_pooled`` (B, 1280), ``t5_hidden`` (B, T, 4096) unless there is no T5, and the three masks.
-    Each tensor is on the device of the encoder that produced it.
+    Hidden states are on CLIP-L's device (the training device): T5 may run elsewhere (``--t5xxl_device``) and
+    its states are brought over, in T5's dtype.
     """
     l_hidden, l_pooled = _encode_clip(encoders.clip_l, tokens["clip_l_ids"], tokens["clip_l_mask"], options)
     g_hidden, g_pooled = _encode_clip(encoders.clip_g, tokens["clip_g_ids"], tokens["clip_g_mask"], options)
@@ -138,7 +232,8 @@ def encode_sd3(encoders: Sd3TextEncoders, tokens: dict[str, Tensor], options: Sd
         "clip_g_mask": tokens["clip_g_mask"],
     }
     if encoders.t5xxl is not None:
-        outputs["t5_hidden"] = _encode_t5(encoders.t5xxl, tokens["t5_ids"], tokens["t5_mask"], options)
+        t5_hidden = _encode_t5(encoders.t5xxl, tokens["t5_ids"], tokens["t5_mask"], options)
+        outputs["t5_hidden"] = t5_hidden.to(l_hidden.device)
         outputs["t5_mask"] = tokens["t5_mask"]
     return outputs
 
@@ -160,8 +255,13 @@ def _encode_clip(
 
 
 def _encode_t5(encoder: T5EncoderModel, ids: Tensor, mask: Tensor, options: Sd3TextOptions) -> Tensor:
-    mask = mask.to(encoder.device)
-    hidden = encoder(input_ids=ids.to(encoder.device), attention_mask=mask if options.apply_t5_attn_mask else None)
+    """T5 computes in its own dtype (``--t5xxl_dtype``), whatever autocast the training step runs under: an fp32
+    T5 in a bf16 run stays fp32, and a half-precision T5 gets autocast in its dtype so fp32 LoRA weights on it
+    still work. The dtype is read off the token embedding, which fp8 storage never touches."""
+    device, dtype = encoder.device, encoder.get_input_embeddings().weight.dtype
+    mask = mask.to(device)
+    with torch.autocast(device.type, dtype=dtype if dtype in _HALF_DTYPES else torch.bfloat16, enabled=dtype in _HALF_DTYPES):
+        hidden = encoder(input_ids=ids.to(device), attention_mask=mask if options.apply_t5_attn_mask else None)
     hidden = hidden.last_hidden_state
     return zero_padding(hidden, mask) if options.apply_t5_attn_mask else hidden
 

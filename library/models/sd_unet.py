@@ -1,10 +1,12 @@
-"""The Stable Diffusion 1.x/2.x U-Net in the original ldm layout.
+"""The Stable Diffusion U-Net (SD1.x, SD2.x and SDXL) in the original ldm/sgm layout.
 
-Module names equal the keys under ``model.diffusion_model.`` in SD1/SD2 single-file checkpoints
+Module names equal the keys under ``model.diffusion_model.`` in SD1/SD2/SDXL single-file checkpoints
 (``input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight`` ...), so a checkpoint loads with a plain
-``load_state_dict`` and LoRA module paths come straight from ``named_modules()``. The file reads top-down
-like ldm's ``openaimodel.py`` / ``attention.py``: timestep embedding, ResBlock, resampling, attention,
-transformer, the U-Net, and finally the config inference from checkpoint tensors.
+``load_state_dict`` and LoRA module paths come straight from ``named_modules()``. SDXL is the same network
+with other constructor arguments (per-level transformer depth, no attention at level 0, ``label_emb``);
+``SdxlUNet`` only gives it its own class. The file reads top-down like ldm's ``openaimodel.py`` /
+``attention.py``: timestep embedding, ResBlock, resampling, attention, transformer, the U-Net, and finally
+the config inference from checkpoint tensors.
 
 Shapes: B batch, C channels, H/W latent height/width, L context tokens, D context width.
 """
@@ -24,13 +26,19 @@ from library.models.checkpointing import checkpointed
 
 @dataclass(frozen=True)
 class SdUNetConfig:
-    """Hyper-parameters of an SD1.x/2.x U-Net (ldm ``UNetModel`` arguments, named as there).
+    """Hyper-parameters of an ldm/sgm ``UNetModel`` (SD1.x, SD2.x, SDXL), named as there.
 
     attention_levels: resolution levels (0 = full latent size) whose blocks carry a SpatialTransformer;
         ldm spells this as ``attention_resolutions`` in downsampling factors (4, 2, 1 = levels 0, 1, 2).
-    num_heads / num_head_channels: SD1 fixes 8 heads at every level; SD2 fixes 64 channels per head, so
-        its head count grows with the level width. Setting ``num_head_channels`` selects the SD2 rule.
-    use_linear_in_transformer: SD2 stores proj_in/proj_out as Linear, SD1 as 1x1 Conv.
+    transformer_depth: transformer blocks per SpatialTransformer. An int applies to every attention level
+        (SD1/SD2: 1); a tuple gives one count per level, 0 exactly where ``attention_levels`` has no entry
+        (SDXL: (0, 2, 10)). Always stored as that per-level tuple. The middle block takes the depth of the
+        deepest attention level, as sgm's ``transformer_depth_middle`` does on every released model.
+    num_heads / num_head_channels: SD1 fixes 8 heads at every level; SD2 and SDXL fix 64 channels per head,
+        so their head count grows with the level width. Setting ``num_head_channels`` selects that rule.
+    use_linear_in_transformer: SD2/SDXL store proj_in/proj_out as Linear, SD1 as 1x1 Conv.
+    adm_in_channels: width of the extra vector ``y`` that ``label_emb`` maps into the timestep embedding
+        (SDXL: 2816 = pooled bigG text embedding 1280 + 6 size values x 256); None for no ``label_emb``.
     """
 
     in_channels: int = 4
@@ -43,8 +51,9 @@ class SdUNetConfig:
     num_heads: int = 8
     num_head_channels: int | None = None
     use_linear_in_transformer: bool = False
-    transformer_depth: int = 1
+    transformer_depth: int | tuple[int, ...] = 1
     norm_groups: int = 32
+    adm_in_channels: int | None = None
 
     def __post_init__(self) -> None:
         bad_levels = [level for level in self.attention_levels if not 0 <= level < len(self.channel_mult)]
@@ -53,6 +62,10 @@ class SdUNetConfig:
                 f"SdUNetConfig.attention_levels {bad_levels} out of range for channel_mult {self.channel_mult}; "
                 f"use level indices 0..{len(self.channel_mult) - 1}"
             )
+        if not self.attention_levels:
+            raise ValueError("SdUNetConfig.attention_levels is empty; the middle block's transformer takes its depth "
+                             "from the deepest attention level, so name at least one")
+        object.__setattr__(self, "transformer_depth", self._depth_per_level())
         for mult in self.channel_mult:
             channels = self.model_channels * mult
             if channels % self.heads_at(channels):
@@ -61,15 +74,43 @@ class SdUNetConfig:
                     "change num_heads / num_head_channels"
                 )
 
+    def _depth_per_level(self) -> tuple[int, ...]:
+        levels = range(len(self.channel_mult))
+        if isinstance(self.transformer_depth, int):
+            return tuple(self.transformer_depth if level in self.attention_levels else 0 for level in levels)
+        depth = tuple(self.transformer_depth)
+        with_attention = tuple(level for level in levels if level < len(depth) and depth[level] > 0)
+        shape_ok = len(depth) == len(self.channel_mult) and min(depth) >= 0
+        if not shape_ok or with_attention != tuple(sorted(self.attention_levels)):
+            raise ValueError(
+                f"SdUNetConfig.transformer_depth {depth} needs one count per level of channel_mult "
+                f"{self.channel_mult}, positive exactly at attention_levels {self.attention_levels}"
+            )
+        return depth
+
     def heads_at(self, channels: int) -> int:
-        """Attention heads of a transformer with ``channels`` channels (ldm's SD1 vs SD2 rule)."""
+        """Attention heads of a transformer with ``channels`` channels (ldm's SD1 vs SD2/SDXL rule)."""
         if self.num_head_channels is None:
             return self.num_heads
         return max(1, channels // self.num_head_channels)
 
+    @property
+    def middle_transformer_depth(self) -> int:
+        """Transformer blocks in the middle block: the deepest attention level's count."""
+        return self.transformer_depth[max(self.attention_levels)]
+
 
 SD1_UNET_CONFIG = SdUNetConfig()
 SD2_UNET_CONFIG = SdUNetConfig(context_dim=1024, num_head_channels=64, use_linear_in_transformer=True)
+SDXL_UNET_CONFIG = SdUNetConfig(
+    channel_mult=(1, 2, 4),
+    attention_levels=(1, 2),
+    transformer_depth=(0, 2, 10),
+    context_dim=2048,
+    num_head_channels=64,
+    use_linear_in_transformer=True,
+    adm_in_channels=2816,
+)
 
 
 def timestep_embedding(timesteps: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -251,7 +292,8 @@ class TimestepEmbedSequential(nn.Sequential):
 
 
 class SdUNet(nn.Module):
-    """The SD1.x/2.x denoiser: eps (or v) prediction from noisy latents, timesteps and text context."""
+    """The SD denoiser: eps (or v) prediction from noisy latents, timesteps, text context and, with
+    ``adm_in_channels``, the extra vector ``y`` (SDXL: pooled text embedding and size conditioning)."""
 
     def __init__(self, config: SdUNetConfig):
         super().__init__()
@@ -261,11 +303,21 @@ class SdUNet(nn.Module):
         mc = config.model_channels
         emb_channels = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_channels), nn.SiLU(), nn.Linear(emb_channels, emb_channels))
+        self.label_emb = None
+        if config.adm_in_channels is not None:
+            # Nested so the keys read label_emb.0.0 / label_emb.0.2, as sgm stores them.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(config.adm_in_channels, emb_channels),
+                    nn.SiLU(),
+                    nn.Linear(emb_channels, emb_channels),
+                )
+            )
         self.input_blocks, skip_channels = self._build_input_blocks(emb_channels)
         ch = skip_channels[-1]
         self.middle_block = TimestepEmbedSequential(
             ResBlock(ch, emb_channels, ch, config.norm_groups),
-            self._transformer(ch),
+            self._transformer(ch, config.middle_transformer_depth),
             ResBlock(ch, emb_channels, ch, config.norm_groups),
         )
         self.output_blocks = self._build_output_blocks(emb_channels, skip_channels)
@@ -275,12 +327,12 @@ class SdUNet(nn.Module):
             nn.Conv2d(mc, config.out_channels, 3, padding=1),
         )
 
-    def _transformer(self, channels: int) -> SpatialTransformer:
+    def _transformer(self, channels: int, depth: int) -> SpatialTransformer:
         c = self.config
         return SpatialTransformer(
             channels,
             heads=c.heads_at(channels),
-            depth=c.transformer_depth,
+            depth=depth,
             context_dim=c.context_dim,
             use_linear=c.use_linear_in_transformer,
             norm_groups=c.norm_groups,
@@ -296,8 +348,8 @@ class SdUNet(nn.Module):
             for _ in range(c.num_res_blocks):
                 layers: list[nn.Module] = [ResBlock(ch, emb_channels, c.model_channels * mult, c.norm_groups)]
                 ch = c.model_channels * mult
-                if level in c.attention_levels:
-                    layers.append(self._transformer(ch))
+                if c.transformer_depth[level]:
+                    layers.append(self._transformer(ch, c.transformer_depth[level]))
                 blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -316,8 +368,8 @@ class SdUNet(nn.Module):
             for i in range(c.num_res_blocks + 1):
                 layers: list[nn.Module] = [ResBlock(ch + skips.pop(), emb_channels, out_ch, c.norm_groups)]
                 ch = out_ch
-                if level in c.attention_levels:
-                    layers.append(self._transformer(ch))
+                if c.transformer_depth[level]:
+                    layers.append(self._transformer(ch, c.transformer_depth[level]))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                 blocks.append(TimestepEmbedSequential(*layers))
@@ -334,13 +386,22 @@ class SdUNet(nn.Module):
             return checkpointed(block, h, emb, context, cpu_offload=self.cpu_offload_checkpointing)
         return block(h, emb, context)
 
-    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """x (B, in_channels, H, W), timesteps (B,), context (B, L, context_dim) -> (B, out_channels, H, W).
 
-        Computes in the dtype of the weights and returns in the dtype of x.
+        y (B, adm_in_channels) is required exactly when the config has ``adm_in_channels`` (SDXL: see
+        ``library.models.sdxl_conditioning.sdxl_size_embedding``). Computes in the dtype of the weights and
+        returns in the dtype of x.
         """
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.config.model_channels).to(dtype))  # (B, 4*mc)
+        if (y is None) != (self.label_emb is None):
+            raise ValueError(
+                f"this U-Net has adm_in_channels={self.config.adm_in_channels}: pass y (B, adm_in_channels) "
+                "exactly when adm_in_channels is set (SDXL: pooled text embedding + size embedding)"
+            )
+        if self.label_emb is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         context = context.to(dtype)
         h = x.to(dtype)
         skips = []
@@ -353,20 +414,37 @@ class SdUNet(nn.Module):
         return self.out(h).to(x.dtype)
 
 
+class SdxlUNet(SdUNet):
+    """The SDXL U-Net: SdUNet's code with an ``adm_in_channels`` config such as ``SDXL_UNET_CONFIG``.
+
+    A class of its own because the family differs outside the model: sd-scripts names SDXL LoRA modules by
+    these sgm paths (``lora_unet_input_blocks_4_1_...``) where SD1/SD2 files use diffusers paths, and
+    ``networks/lora_targets.py`` tells the two apart by class.
+    """
+
+    def __init__(self, config: SdUNetConfig = SDXL_UNET_CONFIG):
+        if config.adm_in_channels is None:
+            raise ValueError("SdxlUNet needs SdUNetConfig.adm_in_channels (SDXL: 2816); use SdUNet without label_emb")
+        super().__init__(config)
+
+
 def infer_unet_config(state_dict: Mapping[str, Tensor]) -> SdUNetConfig:
-    """Read an SD1/SD2 U-Net config off checkpoint tensors (keys without ``model.diffusion_model.``).
+    """Read an SD1/SD2/SDXL U-Net config off checkpoint tensors (keys without ``model.diffusion_model.``).
 
     Head counts and GroupNorm groups are not stored in weights. The released families tie them to the
-    transformer projection layout: Linear proj_in (SD2) means 64 channels per head, 1x1 Conv (SD1) 8 heads;
-    both use 32 groups.
+    transformer projection layout: Linear proj_in (SD2, SDXL) means 64 channels per head, 1x1 Conv (SD1)
+    8 heads; all use 32 groups.
     """
     if "input_blocks.0.0.weight" not in state_dict:
         raise ValueError(
-            "not an SD1/SD2 U-Net state dict: 'input_blocks.0.0.weight' is missing "
+            "not an SD U-Net state dict: 'input_blocks.0.0.weight' is missing "
             "(pass keys without the 'model.diffusion_model.' prefix)"
         )
-    if any(key.startswith("label_emb.") for key in state_dict):
-        raise ValueError("this U-Net has label_emb.* weights (SDXL or an upscaler), not an SD1/SD2 U-Net")
+    adm = state_dict.get("label_emb.0.0.weight")
+    if adm is None and any(key.startswith("label_emb.") for key in state_dict):
+        raise ValueError("this U-Net has a class-label table (label_emb.weight: an upscaler), not an SD1/SD2/SDXL U-Net")
+    if adm is not None and adm.ndim != 2:
+        raise ValueError(f"U-Net label_emb.0.0.weight has shape {tuple(adm.shape)}; an SDXL checkpoint stores a matrix")
     conv_in = state_dict["input_blocks.0.0.weight"]
     model_channels, in_channels = conv_in.shape[0], conv_in.shape[1]
     num_res_blocks, num_levels = _count_blocks(state_dict)
@@ -374,25 +452,36 @@ def infer_unet_config(state_dict: Mapping[str, Tensor]) -> SdUNetConfig:
     channel_mult = tuple(
         state_dict[f"input_blocks.{start}.0.out_layers.3.weight"].shape[0] // model_channels for start in level_starts
     )
-    attention_levels = tuple(
-        level for level, start in enumerate(level_starts) if f"input_blocks.{start}.1.proj_in.weight" in state_dict
-    )
+    depth = tuple(_count_transformer_blocks(state_dict, f"input_blocks.{start}.1.") for start in level_starts)
     mid = "middle_block.1."
     use_linear = state_dict[mid + "proj_in.weight"].ndim == 2
-    depth = len({key.split(".")[3] for key in state_dict if key.startswith(mid + "transformer_blocks.")})
-    return SdUNetConfig(
+    config = SdUNetConfig(
         in_channels=in_channels,
         out_channels=state_dict["out.2.weight"].shape[0],
         model_channels=model_channels,
         channel_mult=channel_mult,
         num_res_blocks=num_res_blocks,
-        attention_levels=attention_levels,
+        attention_levels=tuple(level for level, count in enumerate(depth) if count),
         context_dim=state_dict[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1],
         num_heads=8,
         num_head_channels=64 if use_linear else None,
         use_linear_in_transformer=use_linear,
         transformer_depth=depth,
+        adm_in_channels=None if adm is None else adm.shape[1],
     )
+    middle_depth = _count_transformer_blocks(state_dict, mid)
+    if middle_depth != config.middle_transformer_depth:
+        raise ValueError(
+            f"U-Net middle block has {middle_depth} transformer blocks, the deepest attention level "
+            f"{config.middle_transformer_depth}; this layout is not an SD1/SD2/SDXL U-Net"
+        )
+    return config
+
+
+def _count_transformer_blocks(state_dict: Mapping[str, Tensor], transformer_prefix: str) -> int:
+    """Blocks of the SpatialTransformer at ``transformer_prefix`` (0 when there is none)."""
+    blocks_prefix = transformer_prefix + "transformer_blocks."
+    return len({key[len(blocks_prefix):].split(".")[0] for key in state_dict if key.startswith(blocks_prefix)})
 
 
 def _count_blocks(state_dict: Mapping[str, Tensor]) -> tuple[int, int]:
@@ -404,6 +493,6 @@ def _count_blocks(state_dict: Mapping[str, Tensor]) -> tuple[int, int]:
     if res_blocks <= 0 or res_blocks % num_levels:
         raise ValueError(
             f"U-Net state dict has {len(input_ids)} input_blocks with {num_downsamplers} downsamplers, "
-            "which is not an SD1/SD2 block layout"
+            "which is not an SD1/SD2/SDXL block layout"
         )
     return res_blocks // num_levels, num_levels

@@ -1,8 +1,9 @@
-"""The one reversible adapter between ldm and diffusers names of the SD1/SD2 U-Net.
+"""The one reversible adapter between ldm/sgm and diffusers names of the SD U-Net (SD1, SD2, SDXL).
 
 sd-scripts trains SD1/SD2 on a diffusers-named U-Net, so its LoRA files name U-Net modules by diffusers
 paths (``lora_unet_down_blocks_0_attentions_0_...``) while our model and the single-file checkpoints use
-ldm paths (``input_blocks.1.1....``). Both functions accept parameter keys (``...conv1.weight``) and module
+ldm paths (``input_blocks.1.1....``). SDXL LoRA files keep the sgm paths, so for SDXL this adapter only
+renames diffusers ``unet/`` folders on loading. Both functions accept parameter keys (``...conv1.weight``) and module
 paths (``...conv1``), without any ``model.diffusion_model.`` / ``unet.`` prefix. A name with no
 counterpart (a container such as ``input_blocks.1``, an activation such as ``in_layers.1``) raises
 ValueError.
@@ -29,6 +30,12 @@ _TOP_LEVEL = {
     "out.2": "conv_out",
 }
 _TOP_LEVEL_INV = {v: k for k, v in _TOP_LEVEL.items()}
+# Only U-Nets with adm_in_channels (SDXL's pooled-text + size vector) have these.
+_LABEL_EMB = {
+    "label_emb.0.0": "add_embedding.linear_1",
+    "label_emb.0.2": "add_embedding.linear_2",
+}
+_LABEL_EMB_INV = {v: k for k, v in _LABEL_EMB.items()}
 
 # ResBlock internals: ldm Sequential indices -> diffusers ResnetBlock2D attributes.
 _RESNET = {
@@ -83,6 +90,8 @@ def _unmapped(key: str) -> ValueError:
 def _ldm_path_to_diffusers(path: str, key: str, config: SdUNetConfig) -> str:
     if path in _TOP_LEVEL:
         return _TOP_LEVEL[path]
+    if path in _LABEL_EMB and config.adm_in_channels is not None:
+        return _LABEL_EMB[path]
     parts = path.split(".")
     if len(parts) < 2 or not parts[1].isdigit():
         raise _unmapped(key)
@@ -149,6 +158,8 @@ def _ldm_resnet_inner(rest: list[str], key: str) -> str:
 def _diffusers_path_to_ldm(path: str, key: str, config: SdUNetConfig) -> str:
     if path in _TOP_LEVEL_INV:
         return _TOP_LEVEL_INV[path]
+    if path in _LABEL_EMB_INV and config.adm_in_channels is not None:
+        return _LABEL_EMB_INV[path]
     parts = path.split(".")
     if parts[0] == "mid_block" and ".".join(parts[1:3]) in _MID_DIFFUSERS_TO_LDM:
         inner = ".".join(parts[1:3])
