@@ -85,7 +85,12 @@ class Sd3NetworkTrainer(NetworkTrainer):
         return Models(denoiser=loaded.mmdit, vae=loaded.vae, text_encoders=encoders, tokenizers=tokenizers,
                       extra={"variant": loaded.variant, "text": loaded.text, "fp8": fp8.denoiser})
 
-    def place_denoiser(self, args: argparse.Namespace, models: Models, device: torch.device, dtype: torch.dtype) -> None:
+    def place_denoiser(self, args: argparse.Namespace, models: Models, device: torch.device, dtype: torch.dtype,
+                       resolutions: list[tuple[int, int]]) -> None:
+        if self.scaled_pos_embed:  # sd-scripts also takes the scaled grids from the dataset's buckets
+            sizes = bucket_latent_sizes(resolutions)
+            logger.info("scaled position embeddings for latent sizes %s", sizes)
+            models.denoiser.enable_scaled_pos_embed(sizes)
         mmdit = models.denoiser
         if models.extra["fp8"]:  # fp8 joint blocks keep their storage dtype; everything else takes the compute dtype
             for name, module in mmdit.named_children():
@@ -145,15 +150,6 @@ class Sd3NetworkTrainer(NetworkTrainer):
 
         return flow_matching_loss(denoise, latents, config=self.loss_config, loss_weights=batch["loss_weights"],
                                   alpha_masks=batch["alpha_masks"], generator=generator)
-
-    def _cache_inputs(self, args, run, models: Models, train_set, val_set, accelerator) -> None:
-        # The one point after loading where the models and the dataset meet: scaled position embeddings need
-        # the training buckets (sd-scripts reads its dataset's resolutions the same way).
-        if self.scaled_pos_embed:
-            sizes = bucket_latent_sizes(reso for reso, _ in train_set.bucket_summary())
-            logger.info("scaled position embeddings for latent sizes %s", sizes)
-            models.denoiser.enable_scaled_pos_embed(sizes)
-        super()._cache_inputs(args, run, models, train_set, val_set, accelerator)
 
     def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
         def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:

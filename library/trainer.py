@@ -92,8 +92,10 @@ class NetworkTrainer:
         """ss_base_model_version, modelspec.* and the family's own ss_* keys."""
         raise NotImplementedError
 
-    def place_denoiser(self, args: argparse.Namespace, models: Models, device: torch.device, dtype: torch.dtype) -> None:
-        """Put the frozen denoiser on the training device (a family with block swap or fp8 weights does more)."""
+    def place_denoiser(self, args: argparse.Namespace, models: Models, device: torch.device, dtype: torch.dtype,
+                       resolutions: list[tuple[int, int]]) -> None:
+        """Put the frozen denoiser on the training device (a family with block swap or fp8 weights does more).
+        `resolutions` are the (width, height) buckets training will use."""
         models.denoiser.to(device, dtype=dtype)
 
     def place_text_encoders(self, args: argparse.Namespace, run: RunConfig, models: Models, device: torch.device) -> None:
@@ -126,7 +128,8 @@ class NetworkTrainer:
         train_text_encoder = not args.network_train_unet_only and not args.cache_text_encoder_outputs
         self._cache_inputs(args, run, models, train_set, val_set, accelerator)
         network = create_network(args, models.vae, models.text_encoder_arg(), models.denoiser, train_text_encoder)
-        self._place_models(args, run, models, network, train_text_encoder, accelerator.device)
+        self._place_models(args, run, models, network, train_text_encoder, accelerator.device,
+                           [reso for reso, _ in train_set.bucket_summary()])
 
         ctx = self._make_loop(args, run, accelerator, models, network, train_set, val_set, train_text_encoder, resumed)
         if ctx.sample.at_first and ctx.state.global_step == 0:
@@ -172,8 +175,9 @@ class NetworkTrainer:
             for encoder in models.text_encoders:
                 encoder.to("cpu")
 
-    def _place_models(self, args, run: RunConfig, models: Models, network, train_text_encoder: bool, device) -> None:
-        self.place_denoiser(args, models, device, run.weight_dtype)
+    def _place_models(self, args, run: RunConfig, models: Models, network, train_text_encoder: bool, device,
+                      resolutions: list[tuple[int, int]]) -> None:
+        self.place_denoiser(args, models, device, run.weight_dtype, resolutions)
         if not args.cache_text_encoder_outputs:
             self.place_text_encoders(args, run, models, device)
         if run.gradient_checkpointing:
