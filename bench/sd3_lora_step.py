@@ -154,10 +154,12 @@ def random_mmdit(config: MMDiTConfig, device: torch.device, seed: int) -> MMDiT:
     mmdit.to_empty(device=device)
     torch.manual_seed(seed)
     with torch.no_grad():
+        # Zero first: tensors no module resets (pos_embed, which only a checkpoint fills) start as MMDiT's own do.
+        for tensor in (*mmdit.parameters(), *mmdit.buffers()):
+            tensor.zero_()
         for module in mmdit.modules():
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
-        mmdit.pos_embed.zero_()  # what MMDiT itself starts from; only a checkpoint fills it
     return mmdit
 
 
@@ -192,7 +194,8 @@ def build(options: argparse.Namespace, blocks_to_swap: int) -> Sd3Bench:
     models = Models(denoiser=mmdit, vae=None, text_encoders=[], tokenizers=[], extra={"fp8": fp8})
     torch.manual_seed(SEED)  # the LoRA's own initialisation
     network = create_network(args, None, None, mmdit, False)
-    trainer.place_denoiser(args, models, device, DTYPE)
+    resolution = resolution_of(options)
+    trainer.place_denoiser(args, models, device, DTYPE, [(resolution, resolution)])  # the one bucket trained
     mmdit.set_gradient_checkpointing(args.gradient_checkpointing)
     if args.full_bf16:
         network.to(DTYPE)

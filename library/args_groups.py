@@ -389,3 +389,14 @@ SD3_TRAINING = FlagGroup("sd3", "SD3 training", "Flow-matching timesteps, text-e
 
 SD3_FLAGS: tuple[FlagGroup, ...] = (SD3_MODEL, SD3_TRAINING)
 """What sd3_train_network.py adds to TRAINING_FLAGS (sd-scripts' add_dit_training_arguments + add_sd3_training_arguments)."""
+
+
+SDXL_TRAINING = FlagGroup("sdxl", "SDXL training", "SDXL's extra options.", (
+    switch("disable_mmap_load_safetensors", "read .safetensors files whole instead of memory-mapping them"),
+    flag("text_encoder_lr1", "learning rate of the CLIP-L text encoder's LoRA (default: --learning_rate)", type=float),
+    flag("text_encoder_lr2", "learning rate of the CLIP-G (bigG) text encoder's LoRA (default: --learning_rate)", type=float),
+))
+
+SDXL_FLAGS: tuple[FlagGroup, ...] = (SDXL_TRAINING,)
+"""What sdxl_train_network.py adds to TRAINING_FLAGS (sd-scripts' add_sdxl_training_arguments; the text-encoder
+caching flags are already shared; --text_encoder_lr1/2 are the SDXL guide's per-encoder rates)."""

@@ -45,8 +45,9 @@ def test_tiny_cpu_run_reports_a_complete_result_and_skips_the_swap_comparison(tm
     assert 0 < result["s_per_step_min"] == result["s_per_step_median"] == result["s_per_step_max"]
     # The flop-counted step, then the timed one (no memory step on the CPU); flow-matching losses are positive.
     assert len(result["losses"]) == 2 and all(math.isfinite(x) and x > 0 for x in result["losses"])
-    assert result["tflop_per_step"] * 1e12 == sum(result["flops_by_op"].values()) > 0
-    assert result["model_tflop_per_step"] * 1e12 == sd3_bench.meta_flops(sd3_bench.parse_args(TINY), recompute=False)
+    assert result["tflop_per_step"] * 1e12 == pytest.approx(sum(result["flops_by_op"].values()), rel=1e-12)
+    assert result["model_tflop_per_step"] * 1e12 == pytest.approx(sd3_bench.meta_flops(sd3_bench.parse_args(TINY), recompute=False),
+                                                                  rel=1e-12)
     assert "mfu" not in result and "peak_allocated_gib" not in result, "GPU-only fields stay out of a CPU result"
 
     printed = [json.loads(line.removeprefix("RESULT ")) for line in lines if line.startswith("RESULT ")]
@@ -133,6 +134,6 @@ def test_sd1_bench_still_runs_on_the_shared_helpers():
     result = sd_bench.run(sd_bench.parse_args(["--model", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0"]),
                           report=lambda _: None)
     assert result["steps_timed"] == 1 and result["s_per_step_median"] > 0
-    assert result["tflop_per_step"] * 1e12 == sum(result["flops_by_op"].values()) > 0
+    assert result["tflop_per_step"] * 1e12 == pytest.approx(sum(result["flops_by_op"].values()), rel=1e-12)
     # Checkpointing (on by default) runs the forward twice, so a step executes more than the model's FLOPs.
     assert result["tflop_per_step"] > result["model_tflop_per_step"] > 0
