@@ -230,3 +230,19 @@ def test_every_sd3_flag_is_declared_with_sd_scripts_defaults_and_accepted_or_rej
         elif not re.search(rf"\.{name}\b|[\"']{name}[\"']", sources):
             unread.append(name)
     assert unread == []
+
+
+def test_every_sdxl_flag_is_declared_and_accepted_or_rejected(capsys):
+    """sdxl_train_network.py = train_network.py's flags + add_sdxl_training_arguments; each is read or rejected."""
+    from sdxl_train_network import SDXL_UNSUPPORTED, setup_parser
+
+    sections = _parse_reference(_reference_path().read_text(encoding="utf-8"))
+    parser = setup_parser()
+    sources = _project_sources()
+    for name, spec in sections["add_sdxl_training_arguments"].items():
+        assert parser.get_default(name) == spec.get("default", False if spec.get("action") == "store_true" else None), name
+        assert name not in SDXL_UNSUPPORTED and re.search(rf"\.{name}\b|[\"']{name}[\"']", sources), name
+    for name in ("v2", "clip_skip"):  # accepted by train_network.py, meaningless for SDXL
+        with pytest.raises(SystemExit):
+            parse_args(parser, [f"--{name}"] if name == "v2" else [f"--{name}", "2"])
+        assert "is not supported" in capsys.readouterr().err

@@ -93,3 +93,30 @@ def test_fp16_without_no_half_vae_warns(tiny_sdxl_checkpoint, capsys):
     sdxl_train_network.setup_logging(args)
     sdxl_train_network.SdxlNetworkTrainer(args)
     assert "--no_half_vae" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_seed_command_line_through_accelerate_launch(tiny_sdxl_checkpoint, sdxl_tokenizer_cache_dir, tmp_path):
+    """The SDXL guide's command line with tiny files; on a CPU AdamW8bit (bitsandbytes needs CUDA) becomes AdamW."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    dataset, out = make_dataset(tmp_path / "data"), tmp_path / "out"
+    gpu = torch.cuda.is_available()
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_cpu_threads_per_process", "1",
+        *([] if gpu else ["--cpu", "--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "bf16"]),
+        str(Path(sdxl_train_network.__file__)),
+        f"--pretrained_model_name_or_path={tiny_sdxl_checkpoint}", f"--dataset_config={dataset}", f"--output_dir={out}",
+        "--output_name=my_sdxl_lora", "--save_model_as=safetensors", "--network_module=networks.lora", "--network_dim=32",
+        "--network_alpha=16", "--learning_rate=1e-4", "--unet_lr=1e-4", "--text_encoder_lr1=1e-5", "--text_encoder_lr2=1e-5",
+        f"--optimizer_type={'AdamW8bit' if gpu else 'AdamW'}", "--lr_scheduler=constant", "--max_train_epochs=2",
+        "--save_every_n_epochs=1", "--mixed_precision=bf16", "--gradient_checkpointing", "--cache_text_encoder_outputs",
+        "--cache_latents", f"--tokenizer_cache_dir={sdxl_tokenizer_cache_dir}", "--max_data_loader_n_workers=0",
+    ]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "my_sdxl_lora-000001.safetensors").is_file() and (out / "my_sdxl_lora.safetensors").is_file()
