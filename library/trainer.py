@@ -126,6 +126,8 @@ class NetworkTrainer:
 
         models = self.prepare_models(args)
         train_text_encoder = not args.network_train_unet_only and not args.cache_text_encoder_outputs
+        if args.cache_text_encoder_outputs and not args.network_train_unet_only:
+            logger.info("text-encoder outputs are cached, so only the denoiser's LoRA trains (as --network_train_unet_only)")
         self._cache_inputs(args, run, models, train_set, val_set, accelerator)
         network = create_network(args, models.vae, models.text_encoder_arg(), models.denoiser, train_text_encoder)
         self._place_models(args, run, models, network, train_text_encoder, accelerator.device,

@@ -71,10 +71,11 @@ def _cache_files(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_mtime_ns for p in [*folder.glob("*_lat.safetensors"), *folder.glob("*_te.safetensors")]}
 
 
-def test_caches_are_reused_and_recomputed_when_their_producer_changes(argv, dataset):
+def test_caches_are_reused_and_recomputed_when_their_producer_changes(argv, dataset, capsys):
     images = dataset.parent / "images"
     flags = ("--cache_latents_to_disk", "--cache_text_encoder_outputs_to_disk", "--max_train_steps=1")
     train(*argv(*flags))
+    assert "only the denoiser's LoRA trains" in capsys.readouterr().err
     first = _cache_files(images)
     assert len(first) == 8  # 4 latents + 4 text outputs
 
