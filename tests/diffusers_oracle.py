@@ -3,9 +3,11 @@ single-file converters and saved as a diffusers folder (for loading tests and fo
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
+import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
@@ -15,9 +17,15 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
 )
 from safetensors.torch import load_file
+from torch import nn
 from transformers import CLIPTextModel
 
-from library.fixtures.tiny_sd import TINY_TEXT_LAYERS, tiny_text_config, tiny_unet_config, tiny_vae_config
+from library.fixtures.tiny_sd import (
+    TINY_TEXT_LAYERS,
+    tiny_text_config,
+    tiny_unet_config,
+    tiny_vae_config,
+)
 from library.models.sd_unet import SdUNetConfig
 
 
@@ -82,3 +90,16 @@ def write_diffusers_folder(checkpoint_path: Path, folder: Path, v2: bool) -> Non
     )
     text_encoder.save_pretrained(folder / "text_encoder")
     shutil.rmtree(folder / "text_config")
+
+
+def randomize_(module: nn.Module, seed: int) -> None:
+    """Seeded fan-in-scaled weights, also where the originals start at zero (zero-initialised output layers
+    would make two models agree while their wiring differs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.ndim > 1:
+                param.copy_(noise / math.sqrt(param[0].numel()))
+            else:
+                param.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))

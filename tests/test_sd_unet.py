@@ -8,11 +8,13 @@ import math
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_unet_checkpoint,
+    create_unet_diffusers_config_from_ldm,
+)
 from diffusers.models.embeddings import get_timestep_embedding
+from diffusers_oracle import ldm_unet_yaml, randomize_
 from torch import nn
-
-from diffusers_oracle import ldm_unet_yaml
 
 from library.models.sd_unet import (
     SD1_UNET_CONFIG,
@@ -48,18 +50,6 @@ TINY_SD2 = SdUNetConfig(
     norm_groups=16,
 )
 TINY_CONFIGS = {"sd1": TINY_SD1, "sd2": TINY_SD2}
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Seeded random weights: zero-initialised output layers would hide wiring bugs."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim > 1:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            else:
-                param.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def diffusers_config(config: SdUNetConfig, prefixed_sd: dict) -> dict:

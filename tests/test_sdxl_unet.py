@@ -10,9 +10,15 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
-from torch import nn
+from diffusers_oracle import randomize_
 
-from library.models.sd_unet import SDXL_UNET_CONFIG, SdUNet, SdUNetConfig, SdxlUNet, infer_unet_config
+from library.models.sd_unet import (
+    SDXL_UNET_CONFIG,
+    SdUNet,
+    SdUNetConfig,
+    SdxlUNet,
+    infer_unet_config,
+)
 from library.models.sd_unet_keys import (
     diffusers_to_ldm_unet_key,
     ldm_to_diffusers_unet_key,
@@ -79,18 +85,6 @@ def tiny_diffusers_config() -> dict:
         "norm_num_groups": 16,
         "sample_size": 16,
     }
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Seeded fan-in-scaled weights, also where the originals start at zero, so wiring bugs show."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim > 1:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            else:
-                param.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def prefixed(sd: dict) -> dict:

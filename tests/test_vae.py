@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import pytest
 import torch
 from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint, create_vae_diffusers_config_from_ldm
-from torch import nn
+from diffusers.loaders.single_file_utils import (
+    convert_ldm_vae_checkpoint,
+    create_vae_diffusers_config_from_ldm,
+)
+from diffusers_oracle import randomize_
 
-from library.models.vae import AutoencoderKL, DiagonalGaussian, VaeConfig, infer_vae_config
-from library.models.vae_keys import diffusers_to_ldm_vae_key, vae_state_dict_from_diffusers
+from library.models.vae import (
+    AutoencoderKL,
+    DiagonalGaussian,
+    VaeConfig,
+    infer_vae_config,
+)
+from library.models.vae_keys import (
+    diffusers_to_ldm_vae_key,
+    vae_state_dict_from_diffusers,
+)
 
 PREFIX = "first_stage_model."
 TINY_SD = VaeConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1)
@@ -21,18 +31,6 @@ TINY_SD3 = VaeConfig(z_channels=16, ch=32, ch_mult=(1, 2), num_res_blocks=2, use
 TINY_CONFIGS = {"sd": TINY_SD, "sd3": TINY_SD3}
 SD_VAE = VaeConfig()
 SD3_VAE = VaeConfig(z_channels=16, use_quant_conv=False)
-
-
-def randomize_(module: nn.Module, seed: int) -> None:
-    """Seeded random weights so no layer is a trivial identity or zero."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.ndim > 1:
-                param.copy_(noise / math.sqrt(param[0].numel()))
-            else:
-                param.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
 
 
 def diffusers_config(config: VaeConfig, prefixed_sd: dict) -> dict:
