@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -17,8 +18,8 @@ from diffusers.loaders.single_file_utils import (
     create_unet_diffusers_config_from_ldm,
 )
 from safetensors.torch import load_file
-from torch import nn
-from transformers import CLIPTextModel
+from torch import Tensor, nn
+from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library.fixtures.tiny_sd import (
     TINY_TEXT_LAYERS,
@@ -26,6 +27,7 @@ from library.fixtures.tiny_sd import (
     tiny_unet_config,
     tiny_vae_config,
 )
+from library.fixtures.tiny_sdxl import tiny_sdxl_text_config, tiny_sdxl_unet_config
 from library.models.sd_unet import SdUNetConfig
 
 
@@ -90,6 +92,75 @@ def write_diffusers_folder(checkpoint_path: Path, folder: Path, v2: bool) -> Non
     )
     text_encoder.save_pretrained(folder / "text_encoder")
     shutil.rmtree(folder / "text_config")
+
+
+# The published stabilityai/stable-diffusion-xl-base-1.0 unet/config.json: the entries that differ from
+# UNet2DConditionModel's defaults and those our diffusers-folder mapping reads.
+SDXL_BASE_UNET_CONFIG = {
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "cross_attention_dim": 2048,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "projection_class_embeddings_input_dim": 2816,
+    "sample_size": 128,
+    "transformer_layers_per_block": [1, 2, 10],
+    "use_linear_projection": True,
+}
+
+
+def tiny_sdxl_diffusers_unet_config() -> dict:
+    """The tiny SDXL U-Net as diffusers spells an SDXL U-Net: head counts per level, a depth for every level."""
+    config = tiny_sdxl_unet_config()
+    widths = [config.model_channels * mult for mult in config.channel_mult]
+    return {
+        **SDXL_BASE_UNET_CONFIG,
+        "attention_head_dim": [1, 1, 2],  # level 0 has no attention; its entry is ignored
+        "block_out_channels": widths,
+        "cross_attention_dim": config.context_dim,
+        "layers_per_block": config.num_res_blocks,
+        "projection_class_embeddings_input_dim": config.adm_in_channels,
+        "transformer_layers_per_block": [1, 1, 2],
+        "sample_size": 16,
+    }
+
+
+def diffusers_sdxl_text_encoder(
+    model_class: type[CLIPTextModel | CLIPTextModelWithProjection],
+    checkpoint: Mapping[str, Tensor],
+    name: str,
+    config_dir: Path,
+) -> CLIPTextModel:
+    """diffusers' own single-file path for one tiny SDXL encoder ("clip_l" or "clip_g"): a config read from
+    disk, its converter (which tells CLIP-L from bigG by the checkpoint's keys), its loading into the model."""
+    tiny_sdxl_text_config(name).save_pretrained(config_dir)
+    return create_diffusers_clip_model_from_ldm(model_class, checkpoint, config=str(config_dir), local_files_only=True)
+
+
+def write_sdxl_diffusers_folder(checkpoint: Mapping[str, Tensor], folder: Path) -> UNet2DConditionModel:
+    """Convert the tiny SDXL single file (as loaded) with diffusers' converters and save it as a diffusers SDXL
+    folder (unet, vae, text_encoder, text_encoder_2); returns diffusers' U-Net, in eval mode."""
+    unet_config = tiny_sdxl_diffusers_unet_config()
+    unet = UNet2DConditionModel(**unet_config)
+    unet.load_state_dict(convert_ldm_unet_checkpoint(dict(checkpoint), unet_config), strict=True)
+    unet.save_pretrained(folder / "unet")
+    vae = DiffusersAutoencoderKL(**diffusers_vae_config())
+    vae.load_state_dict(convert_ldm_vae_checkpoint(dict(checkpoint), diffusers_vae_config()), strict=True)
+    vae.save_pretrained(folder / "vae")
+    encoders = {"text_encoder": (CLIPTextModel, "clip_l"), "text_encoder_2": (CLIPTextModelWithProjection, "clip_g")}
+    for part, (model_class, name) in encoders.items():
+        config_dir = folder / f"{part}_config"
+        diffusers_sdxl_text_encoder(model_class, checkpoint, name, config_dir).save_pretrained(folder / part)
+        shutil.rmtree(config_dir)
+    return unet.eval()
 
 
 def randomize_(module: nn.Module, seed: int) -> None:

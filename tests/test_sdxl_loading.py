@@ -12,21 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
 from diffusers import UNet2DConditionModel
-from diffusers.loaders.single_file_utils import (
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    create_diffusers_clip_model_from_ldm,
+from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+from diffusers_oracle import (
+    SDXL_BASE_UNET_CONFIG,
+    diffusers_sdxl_text_encoder,
+    diffusers_vae_config,
+    write_sdxl_diffusers_folder,
 )
-from diffusers_oracle import diffusers_vae_config
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library.fixtures.tiny_sd import write_tiny_sd_checkpoint
 from library.fixtures.tiny_sdxl import (
     TINY_CLIP_G_PROJECTION,
-    tiny_sdxl_text_config,
     tiny_sdxl_unet_config,
     write_tiny_sdxl_checkpoint,
 )
@@ -40,29 +39,15 @@ from library.models.sdxl_loading import (
     load_sdxl_models,
     sdxl_unet_config_from_diffusers,
 )
-from library.models.text_encoders import canonical_hf_text_state_dict, hf_text_state_dict
+from library.models.text_encoders import (
+    canonical_hf_text_state_dict,
+    hf_text_state_dict,
+)
 
 UNET = "model.diffusion_model."
 VAE = "first_stage_model."
 CLIP_L = "conditioner.embedders.0.transformer."
 CLIP_G = "conditioner.embedders.1.model."
-# The published stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (the entries the mapping reads).
-SDXL_BASE_UNET_JSON = {
-    "addition_embed_type": "text_time",
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "in_channels": 4,
-    "layers_per_block": 2,
-    "norm_num_groups": 32,
-    "num_attention_heads": None,
-    "out_channels": 4,
-    "projection_class_embeddings_input_dim": 2816,
-    "transformer_layers_per_block": [1, 2, 10],
-    "use_linear_projection": True,
-}
 
 
 @pytest.fixture(scope="module")
@@ -75,17 +60,11 @@ def models(tiny_sdxl_checkpoint: Path) -> SdxlModels:
     return load_sdxl_models(tiny_sdxl_checkpoint)
 
 
-def diffusers_text_encoder(model_class, checkpoint: dict, name: str, config_dir: Path):
-    """diffusers' own single-file path: a config read from disk, its converter, its loading into the model."""
-    tiny_sdxl_text_config(name).save_pretrained(config_dir)
-    return create_diffusers_clip_model_from_ldm(model_class, checkpoint, config=str(config_dir), local_files_only=True)
-
-
 @pytest.fixture(scope="module")
 def diffusers_encoders(checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("diffusers_text_configs")
-    clip_l = diffusers_text_encoder(CLIPTextModel, checkpoint, "clip_l", folder / "l")
-    clip_g = diffusers_text_encoder(CLIPTextModelWithProjection, checkpoint, "clip_g", folder / "g")
+    clip_l = diffusers_sdxl_text_encoder(CLIPTextModel, checkpoint, "clip_l", folder / "l")
+    clip_g = diffusers_sdxl_text_encoder(CLIPTextModelWithProjection, checkpoint, "clip_g", folder / "g")
     return clip_l, clip_g
 
 
@@ -266,43 +245,10 @@ def test_broken_unet_is_named_with_the_file(tmp_path, checkpoint):
 # ---- diffusers folders ----------------------------------------------------------------------------------------------
 
 
-def tiny_diffusers_unet_config() -> dict:
-    """The tiny U-Net as diffusers spells an SDXL U-Net: head counts per level, a depth for every level."""
-    config = tiny_sdxl_unet_config()
-    widths = [config.model_channels * mult for mult in config.channel_mult]
-    return {
-        **SDXL_BASE_UNET_JSON,
-        "attention_head_dim": [1, 1, 2],  # level 0 has no attention; its entry is ignored
-        "block_out_channels": widths,
-        "cross_attention_dim": config.context_dim,
-        "layers_per_block": config.num_res_blocks,
-        "projection_class_embeddings_input_dim": config.adm_in_channels,
-        "transformer_layers_per_block": [1, 1, 2],
-        "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "sample_size": 16,
-    }
-
-
-def write_diffusers_folder(checkpoint: dict, folder: Path) -> UNet2DConditionModel:
-    """Convert the tiny single file with diffusers' converters and save it as a diffusers SDXL folder; returns
-    diffusers' U-Net."""
-    unet_config = tiny_diffusers_unet_config()
-    unet = UNet2DConditionModel(**unet_config)
-    unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True)
-    unet.save_pretrained(folder / "unet")
-    vae = DiffusersAutoencoderKL(**diffusers_vae_config())
-    vae.load_state_dict(convert_ldm_vae_checkpoint(checkpoint, diffusers_vae_config()), strict=True)
-    vae.save_pretrained(folder / "vae")
-    encoders = {"text_encoder": (CLIPTextModel, "clip_l"), "text_encoder_2": (CLIPTextModelWithProjection, "clip_g")}
-    for part, (model_class, name) in encoders.items():
-        diffusers_text_encoder(model_class, checkpoint, name, folder / f"{part}_config").save_pretrained(folder / part)
-    return unet.eval()
-
-
 @pytest.fixture(scope="module")
 def diffusers_folder(checkpoint, tmp_path_factory) -> tuple[Path, UNet2DConditionModel]:
     folder = tmp_path_factory.mktemp("sdxl_diffusers")
-    return folder, write_diffusers_folder(checkpoint, folder)
+    return folder, write_sdxl_diffusers_folder(checkpoint, folder)
 
 
 def test_diffusers_folder_loads_the_same_models_as_the_single_file(diffusers_folder, models):
@@ -334,10 +280,10 @@ def test_tiny_unet_predicts_what_diffusers_predicts_with_size_conditioning(diffu
 
 
 def test_released_sdxl_unet_json_maps_to_the_sdxl_config():
-    assert sdxl_unet_config_from_diffusers(SDXL_BASE_UNET_JSON) == SDXL_UNET_CONFIG
-    sd15 = {**SDXL_BASE_UNET_JSON, "addition_embed_type": None}
+    assert sdxl_unet_config_from_diffusers(SDXL_BASE_UNET_CONFIG) == SDXL_UNET_CONFIG
+    sd15 = {**SDXL_BASE_UNET_CONFIG, "addition_embed_type": None}
     one_line_error(sdxl_unet_config_from_diffusers, sd15, match="addition_embed_type None, not SDXL's 'text_time'")
-    uneven = {**SDXL_BASE_UNET_JSON, "attention_head_dim": [5, 10, 10]}
+    uneven = {**SDXL_BASE_UNET_CONFIG, "attention_head_dim": [5, 10, 10]}
     one_line_error(sdxl_unet_config_from_diffusers, uneven, match="no constant head width")
 
 

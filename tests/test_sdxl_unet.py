@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from diffusers.models.embeddings import get_timestep_embedding
-from diffusers_oracle import randomize_
+from diffusers_oracle import SDXL_BASE_UNET_CONFIG, randomize_
 
 from library.models.sd_unet import (
     SDXL_UNET_CONFIG,
@@ -50,22 +50,6 @@ TINY_SDXL = SdUNetConfig(
     norm_groups=16,
     adm_in_channels=TINY_POOLED + 6 * 256,
 )
-# The published stabilityai/stable-diffusion-xl-base-1.0 unet/config.json (its non-default entries).
-SDXL_BASE_DIFFUSERS_CONFIG = {
-    "addition_embed_type": "text_time",
-    "addition_embed_type_num_heads": 64,
-    "addition_time_embed_dim": 256,
-    "attention_head_dim": [5, 10, 20],
-    "block_out_channels": [320, 640, 1280],
-    "cross_attention_dim": 2048,
-    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-    "layers_per_block": 2,
-    "projection_class_embeddings_input_dim": 2816,
-    "sample_size": 128,
-    "transformer_layers_per_block": [1, 2, 10],
-    "use_linear_projection": True,
-}
 
 
 def tiny_diffusers_config() -> dict:
@@ -189,8 +173,8 @@ def test_y_is_required_exactly_with_adm_in_channels(tiny_pair):
 def test_full_size_layout_matches_published_diffusers_sdxl():
     with torch.device("meta"):
         ours = SdxlUNet(SDXL_UNET_CONFIG).state_dict()
-        theirs = UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_CONFIG).state_dict()
-    converted = convert_ldm_unet_checkpoint(prefixed(ours), SDXL_BASE_DIFFUSERS_CONFIG)
+        theirs = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG).state_dict()
+    converted = convert_ldm_unet_checkpoint(prefixed(ours), SDXL_BASE_UNET_CONFIG)
     assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
     assert sum(v.numel() for v in ours.values()) == 2_567_463_684  # the published SDXL U-Net size
     assert infer_unet_config(ours) == SDXL_UNET_CONFIG
@@ -250,7 +234,7 @@ def test_sdxl_conv_lora_targets_are_the_diffusers_resnet_and_resampler_layers():
     """With conv_dim the layer set equals what the same containers hold in diffusers' SDXL U-Net."""
     with torch.device("meta"):
         unet = SdxlUNet(SDXL_UNET_CONFIG)
-        theirs = UNet2DConditionModel(**SDXL_BASE_DIFFUSERS_CONFIG)
+        theirs = UNet2DConditionModel(**SDXL_BASE_UNET_CONFIG)
     ours = find_target_layers(unet, SDXL_UNET_TARGETS, "lora_unet", with_conv=True)
     reference = find_target_layers(theirs, DIFFUSERS_SD_UNET_TARGETS, "lora_unet", with_conv=True)
     paths = {id(module): path for path, module in unet.named_modules()}
