@@ -186,7 +186,7 @@ class NetworkTrainer:
             models.denoiser.set_gradient_checkpointing(True, cpu_offload=args.cpu_offload_checkpointing)
             if train_text_encoder:
                 for encoder in models.text_encoders:
-                    encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                    enable_text_encoder_checkpointing(encoder)
         if run.full_precision_lora:
             network.to(run.weight_dtype)
 
@@ -431,6 +431,14 @@ class NetworkTrainer:
                 problems.append("--cache_text_encoder_outputs leaves nothing to train with --network_train_text_encoder_only")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:
+    """transformers 5 renamed gradient_checkpointing_enable (still there, deprecated); 4.x has only the old name."""
+    if hasattr(encoder, "activation_checkpointing_enable"):
+        encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _report_dataset(train_set: TrainDataset) -> None:
