@@ -14,28 +14,41 @@ from pathlib import Path
 
 import torch
 
-from library.args import UNSUPPORTED, parse_args, setup_parser_for
+from library.args import UNSUPPORTED, setup_parser_for
 from library.args_groups import SD3_FLAGS, TRAINING_FLAGS
-from library.console import exit_on_user_error, setup_logging
 from library.diffusion.flow_matching import FlowMatchingLossConfig, flow_matching_loss
 from library.fingerprint import file_identity
-from library.models.checkpoint import CheckpointError
 from library.fp8 import Fp8Parts, store_linear_weights_in_fp8
-from library.models.sd3_loading import SD3_LATENT_SCALE, SD3_LATENT_SHIFT, check_sd3_files, load_sd3_models
-from library.models.sd3_text import (Sd3TextOptions, T5Placement, dropout_masks, encode_sd3, load_sd3_tokenizers,
-                                     place_sd3_text_encoders, sd3_conditioning,
-                                     tokenize_sd3)
-from library.models.tokenizers import TokenizerUnavailable
+from library.metadata import modelspec_from_args
+from library.models.checkpoint import checkpoint_keys
+from library.models.sd3_loading import (
+    SD3_LATENT_SCALE,
+    SD3_LATENT_SHIFT,
+    check_sd3_files,
+    load_sd3_models,
+)
+from library.models.sd3_text import (
+    Sd3TextOptions,
+    T5Placement,
+    dropout_masks,
+    encode_sd3,
+    load_sd3_tokenizers,
+    place_sd3_text_encoders,
+    sd3_conditioning,
+    tokenize_sd3,
+)
 from library.offload import BlockSwapper, check_block_swap_flags, move_except_blocks
 from library.run_config import RunConfig, SampleConfig, precision_dtype
 from library.sample_images import cfg, flow_latents, generate_samples
 from library.sample_prompts import SamplePrompt
-from library.trainer import Models, NetworkTrainer, TrainingDiverged
+from library.trainer import Models, NetworkTrainer, run_cli
 
 logger = logging.getLogger(__name__)
 
 VAE_SCALE, VAE_SHIFT = SD3_LATENT_SCALE, SD3_LATENT_SHIFT
-SAMPLING_SHIFT = 3.0  # the shift SD3's released scheduler config uses at inference
+SAMPLING_SHIFT = 3.0
+# transformers' gated T5 feed-forward casts its input to `wo`'s weight dtype, which must not be fp8 (sd-scripts keeps it too).
+T5_FP8_UNSAFE = ("DenseReluDense.wo",)  # the shift SD3's released scheduler config uses at inference
 
 _DDPM_ONLY = "SD3 is a flow-matching model; this option belongs to the DDPM models (SD1/2, SDXL)"
 SD3_UNSUPPORTED = {
@@ -64,24 +77,34 @@ class Sd3NetworkTrainer(NetworkTrainer):
         self.scaled_pos_embed = args.enable_scaled_pos_embed
 
     def check_model_files(self, args: argparse.Namespace) -> None:
-        check_sd3_files(args.pretrained_model_name_or_path or "", clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
-                        vae=args.vae)
+        path = args.pretrained_model_name_or_path or ""
+        check_sd3_files(path, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl, vae=args.vae)
+        keys = checkpoint_keys(path) or []
+        blocks = len({key.split(".")[3] for key in keys if key.startswith("model.diffusion_model.joint_blocks.")})
+        check_block_swap_flags(args.blocks_to_swap, blocks or (args.blocks_to_swap or 0) + 1,
+                               gradient_checkpointing=args.gradient_checkpointing,
+                               cpu_offload_checkpointing=args.cpu_offload_checkpointing, cuda_available=torch.cuda.is_available())
 
     def load_models(self, args: argparse.Namespace) -> Models:
         tokenizers = load_sd3_tokenizers(args.tokenizer_cache_dir)
+        # Loaded in the training dtype, not fp32: SD3.5 Large with T5 would otherwise need ~55 GB of RAM.
         loaded = load_sd3_models(args.pretrained_model_name_or_path, clip_l=args.clip_l, clip_g=args.clip_g, t5xxl=args.t5xxl,
-                                 vae=args.vae, t5_dtype=self.t5_placement.dtype, mmap=not args.disable_mmap_load_safetensors)
+                                 vae=args.vae, dtype=precision_dtype(args.mixed_precision), t5_dtype=self.t5_placement.dtype,
+                                 mmap=not args.disable_mmap_load_safetensors)
         logger.info("loaded %s MMDiT (%s)", loaded.variant, loaded.mmdit_config)
-        check_block_swap_flags(args.blocks_to_swap, len(loaded.mmdit.joint_blocks), gradient_checkpointing=args.gradient_checkpointing,
-                               cpu_offload_checkpointing=args.cpu_offload_checkpointing, cuda_available=torch.cuda.is_available())
         encoders = [loaded.text.clip_l, loaded.text.clip_g] + ([loaded.text.t5xxl] if loaded.text.t5xxl is not None else [])
         fp8 = Fp8Parts.from_args(args)
-        if fp8.denoiser:  # before LoRA wraps the layers; only the joint blocks, whose inputs are already in compute dtype
-            loaded.mmdit.joint_blocks.to(dtype=torch.bfloat16 if args.mixed_precision == "bf16" else torch.float16)
-            logger.info("fp8 base: %d MMDiT linear weights stored in float8_e4m3fn", store_linear_weights_in_fp8(loaded.mmdit.joint_blocks))
-        if fp8.text_encoders and args.network_train_unet_only:
+        # Before LoRA wraps the layers, and frozen first (only frozen weights go to fp8). Only the joint blocks:
+        # the embedders cast their inputs to their weights' dtype.
+        if fp8.denoiser:
+            loaded.mmdit.requires_grad_(False)
+            loaded.mmdit.joint_blocks.to(dtype=precision_dtype(args.mixed_precision))
+            converted = store_linear_weights_in_fp8(loaded.mmdit.joint_blocks)
+            logger.info("fp8 base: %d MMDiT linear weights stored in float8_e4m3fn", converted)
+        if fp8.text_encoders:
             for encoder in encoders:
-                store_linear_weights_in_fp8(encoder)
+                encoder.requires_grad_(False)
+                store_linear_weights_in_fp8(encoder, skip=T5_FP8_UNSAFE)
         return Models(denoiser=loaded.mmdit, vae=loaded.vae, text_encoders=encoders, tokenizers=tokenizers,
                       extra={"variant": loaded.variant, "text": loaded.text, "fp8": fp8.denoiser})
 
@@ -122,6 +145,8 @@ class Sd3NetworkTrainer(NetworkTrainer):
         options = self.text_options
         text = (f"sd3-text:{encoders}:t5_max_length={options.t5_max_length}:lg_mask={options.apply_lg_attn_mask}"
                 f":t5_mask={options.apply_t5_attn_mask}")
+        if Fp8Parts.from_args(args).text_encoders:
+            text += ":fp8_text_encoders"
         t5_dtype = self.t5_placement.dtype
         if t5_dtype is not None and t5_dtype != precision_dtype(args.mixed_precision):  # else the shared key says it
             text += f":t5_dtype={str(t5_dtype).removeprefix('torch.')}"
@@ -163,8 +188,6 @@ class Sd3NetworkTrainer(NetworkTrainer):
                                 decode=lambda z: models.vae.decode((z / VAE_SCALE + VAE_SHIFT).to(models.vae.dtype)))
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        from library.metadata import modelspec_metadata
-
         variant = models.extra["variant"]
         architecture = {"sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3.5-medium",
                         "sd3.5-large": "stable-diffusion-3.5-large"}[variant]
@@ -172,14 +195,9 @@ class Sd3NetworkTrainer(NetworkTrainer):
                 "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask), "ss_weighting_scheme": args.weighting_scheme,
                 "ss_logit_mean": str(args.logit_mean), "ss_logit_std": str(args.logit_std), "ss_mode_scale": str(args.mode_scale),
                 "ss_training_shift": str(args.training_shift), "ss_t5xxl_max_token_length": str(args.t5xxl_max_token_length)}
-        meta.update(modelspec_metadata(
-            architecture=f"{architecture}/lora", implementation="https://github.com/Stability-AI/sd3.5",
-            title=args.metadata_title or args.output_name or "last", resolution=args.resolution or "1024",
-            prediction_type=None, timestamp=_now(), author=args.metadata_author, description=args.metadata_description,
-            license=args.metadata_license, tags=args.metadata_tags, usage_hint=args.metadata_usage_hint,
-            thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from,
-            trigger_phrase=args.metadata_trigger_phrase, preprocessor=args.metadata_preprocessor,
-            is_negative_embedding=args.metadata_is_negative_embedding))
+        meta.update(modelspec_from_args(args, architecture=f"{architecture}/lora",
+                                        implementation="https://github.com/Stability-AI/sd3.5",
+                                        resolution=args.resolution or "1024", prediction_type=None))
         return meta
 
 
@@ -206,24 +224,13 @@ def draw_pos_embed_offset(rate: float, crop_range: tuple[int, int], generator: t
     return min(int(top * (max_top + 1)), max_top), min(int(left * (max_left + 1)), max_left)
 
 
-def _now() -> float:
-    import time
-
-    return time.time()
-
-
 def setup_parser() -> argparse.ArgumentParser:
     return setup_parser_for(TRAINING_FLAGS, SD3_FLAGS, unsupported=SD3_UNSUPPORTED, prog="sd3_train_network.py",
                             description="Train a LoRA for Stable Diffusion 3 / 3.5.")
 
 
-USER_ERRORS = (ValueError, OSError, CheckpointError, TokenizerUnavailable, TrainingDiverged)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(setup_parser(), argv)
-    setup_logging(args)
-    exit_on_user_error(lambda: Sd3NetworkTrainer(args).train(args), USER_ERRORS)
+    run_cli(Sd3NetworkTrainer, setup_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -8,26 +8,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import torch
 
-from library.args import UNSUPPORTED, parse_args, setup_parser_for
+from library.args import UNSUPPORTED, setup_parser_for
 from library.args_groups import SDXL_FLAGS, TRAINING_FLAGS
-from library.console import exit_on_user_error, setup_logging
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
-from library.metadata import modelspec_metadata
+from library.metadata import modelspec_from_args
 from library.models.sdxl_conditioning import sdxl_size_embedding
-from library.models.sdxl_loading import SDXL_LATENT_SCALE, check_sdxl_checkpoint, load_sdxl_models
+from library.models.sdxl_loading import (
+    SDXL_LATENT_SCALE,
+    check_sdxl_checkpoint,
+    load_sdxl_models,
+)
 from library.models.sdxl_text import encode_sdxl, load_sdxl_tokenizers, tokenize_sdxl
-from library.models.tokenizers import TokenizerUnavailable
 from library.run_config import SampleConfig
 from library.sample_images import cfg, ddpm_latents, generate_samples
 from library.sample_prompts import SamplePrompt
-from library.trainer import Models, NetworkTrainer, TrainingDiverged
+from library.trainer import Models, NetworkTrainer, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -104,14 +105,10 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
         meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
-        meta.update(modelspec_metadata(
-            architecture="stable-diffusion-xl-v1-base/lora", implementation="https://github.com/Stability-AI/generative-models",
-            title=args.metadata_title or args.output_name or "last", resolution=args.resolution or "1024",
-            prediction_type="v" if self.v_parameterization else "epsilon", timestamp=time.time(),
-            author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
-            tags=args.metadata_tags, usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail,
-            merged_from=args.metadata_merged_from, trigger_phrase=args.metadata_trigger_phrase,
-            preprocessor=args.metadata_preprocessor, is_negative_embedding=args.metadata_is_negative_embedding))
+        meta.update(modelspec_from_args(args, architecture="stable-diffusion-xl-v1-base/lora",
+                                        implementation="https://github.com/Stability-AI/generative-models",
+                                        resolution=args.resolution or "1024",
+                                        prediction_type="v" if self.v_parameterization else "epsilon"))
         return meta
 
 
@@ -132,18 +129,8 @@ def sdxl_learning_rates(args: argparse.Namespace) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "text_encoder_lr": pair})
 
 
-USER_ERRORS = (ValueError, OSError, TokenizerUnavailable, TrainingDiverged)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(setup_parser(), argv)
-    setup_logging(args)
-
-    def run() -> None:
-        resolved = sdxl_learning_rates(args)
-        SdxlNetworkTrainer(resolved).train(resolved)
-
-    exit_on_user_error(run, USER_ERRORS)
+    run_cli(SdxlNetworkTrainer, setup_parser(), argv, resolve=sdxl_learning_rates)
 
 
 if __name__ == "__main__":

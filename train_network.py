@@ -8,23 +8,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from pathlib import Path
 
 import torch
 
-from library.args import TRAINING_FLAGS, parse_args, setup_parser_for
-from library.console import exit_on_user_error, setup_logging
+from library.args import TRAINING_FLAGS, setup_parser_for
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
+from library.metadata import modelspec_from_args
 from library.models.clip_text import encode_chunked, tokenize_chunked
 from library.models.sd_loading import check_sd_checkpoint, load_sd_models
-from library.models.tokenizers import SD1_TOKENIZER_ID, SD2_TOKENIZER_ID, SD2_TOKENIZER_SUBFOLDER, TokenizerUnavailable, load_clip_tokenizer
+from library.models.tokenizers import (
+    SD1_TOKENIZER_ID,
+    SD2_TOKENIZER_ID,
+    SD2_TOKENIZER_SUBFOLDER,
+    load_clip_tokenizer,
+)
 from library.run_config import SampleConfig
 from library.sample_images import cfg, ddpm_latents, generate_samples
 from library.sample_prompts import SamplePrompt
-from library.trainer import Models, NetworkTrainer, TrainingDiverged
+from library.trainer import Models, NetworkTrainer, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -93,8 +97,6 @@ class SdNetworkTrainer(NetworkTrainer):
                                 decode=lambda z: models.vae.decode((z / VAE_SCALE).to(models.vae.dtype)))
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        from library.metadata import modelspec_metadata
-
         if self.v2:
             version = "sd_v2"
             architecture = "stable-diffusion-v2-768-v" if self.v_parameterization else "stable-diffusion-v2-512"
@@ -102,13 +104,8 @@ class SdNetworkTrainer(NetworkTrainer):
             version, architecture = "sd_v1", "stable-diffusion-v1"
         resolution = args.resolution or ("768" if self.v_parameterization else "512")
         meta = {"ss_base_model_version": version, "ss_v2": str(bool(self.v2)), "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
-        meta.update(modelspec_metadata(
-            architecture=f"{architecture}/lora", implementation="diffusers", title=args.metadata_title or args.output_name or "last",
-            resolution=resolution, prediction_type="v" if self.v_parameterization else "epsilon",
-            timestamp=time.time(), author=args.metadata_author, description=args.metadata_description, license=args.metadata_license,
-            tags=args.metadata_tags, usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail,
-            merged_from=args.metadata_merged_from, trigger_phrase=args.metadata_trigger_phrase,
-            preprocessor=args.metadata_preprocessor, is_negative_embedding=args.metadata_is_negative_embedding))
+        meta.update(modelspec_from_args(args, architecture=f"{architecture}/lora", implementation="diffusers",
+                                        resolution=resolution, prediction_type="v" if self.v_parameterization else "epsilon"))
         return meta
 
 
@@ -116,13 +113,8 @@ def setup_parser() -> argparse.ArgumentParser:
     return setup_parser_for(TRAINING_FLAGS, prog="train_network.py", description="Train a LoRA for Stable Diffusion 1.x / 2.x.")
 
 
-USER_ERRORS = (ValueError, OSError, TokenizerUnavailable, TrainingDiverged)
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(setup_parser(), argv)
-    setup_logging(args)
-    exit_on_user_error(lambda: SdNetworkTrainer(args).train(args), USER_ERRORS)
+    run_cli(SdNetworkTrainer, setup_parser(), argv)
 
 
 if __name__ == "__main__":

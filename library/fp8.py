@@ -88,18 +88,19 @@ class Fp8Linear(nn.Linear):
         return fp8_linear(x, self.weight, self.bias)
 
 
-def store_linear_weights_in_fp8(model: nn.Module) -> int:
+def store_linear_weights_in_fp8(model: nn.Module, skip: tuple[str, ...] = ()) -> int:
     """Store the weight of every frozen nn.Linear in `model` as float8_e4m3fn, in place; returns how many.
 
     Only exact nn.Linear layers are converted: subclasses may read their weight elsewhere (e.g.
     MultiheadAttention's out_proj). Weights are clamped to fp8's finite range (+-448) first. Modules
     that cast their input to a Linear's weight dtype (MMDiT's timestep embedder does) must be left out
-    by converting only the submodules that should be (e.g. ``model.joint_blocks``).
+    by converting only the submodules that should be (e.g. ``model.joint_blocks``), or named in `skip`
+    (layers whose module name ends with one of these suffixes stay as they are).
     """
     limit = torch.finfo(FP8_DTYPE).max
     converted = 0
     for name, module in model.named_modules():
-        if type(module) is not nn.Linear or module.weight.requires_grad:
+        if type(module) is not nn.Linear or module.weight.requires_grad or name.endswith(skip):
             continue
         if "forward" in vars(module):
             raise Fp8Error(f"{name or type(model).__name__}: its forward is already replaced (LoRA applied?); "

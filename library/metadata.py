@@ -152,3 +152,17 @@ def thumbnail_data_url(path: Path) -> str:
         raise ThumbnailNotFoundError(f"--metadata_thumbnail {path}: no such file; give an image path or a data: URL")
     mime_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     return f"data:{mime_type};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+def modelspec_from_args(args: Any, *, architecture: str, implementation: str, resolution: str | int | tuple[int, int],
+                        prediction_type: str | None) -> dict[str, str]:
+    """modelspec.* for a training run: the family's facts plus the --metadata_* flags (every script has them)."""
+    import time
+
+    return modelspec_metadata(
+        architecture=architecture, implementation=implementation, title=args.metadata_title or args.output_name or "last",
+        resolution=resolution, prediction_type=prediction_type, timestamp=time.time(), author=args.metadata_author,
+        description=args.metadata_description, license=args.metadata_license, tags=args.metadata_tags,
+        usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from,
+        trigger_phrase=args.metadata_trigger_phrase, preprocessor=args.metadata_preprocessor,
+        is_negative_embedding=args.metadata_is_negative_embedding)

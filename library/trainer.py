@@ -22,19 +22,45 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
+from library.args import parse_args
+from library.console import exit_on_user_error, setup_logging
 from library.dataset.cache import latent_cache_conflicts, text_cache_conflicts
 from library.dataset.config import DatasetOptions, load_dataset_configs
 from library.dataset.dataset import TrainDataset, split_validation
 from library.lr_schedulers import SchedulerConfig, build_lr_scheduler
 from library.metadata import minimum_metadata
+from library.models.tokenizers import TokenizerUnavailable
 from library.optim import OptimizerConfig, build_optimizer, set_train_mode
 from library.run_config import RunConfig, SampleConfig, SaveConfig, ValidationConfig
-from library.saving import (epoch_file_name, epoch_pattern, epoch_state_name, last_state_name, rotate, step_file_name,
-                            step_pattern, step_state_name, steps_keep_count)
+from library.saving import (
+    epoch_file_name,
+    epoch_pattern,
+    epoch_state_name,
+    last_state_name,
+    rotate,
+    step_file_name,
+    step_pattern,
+    step_state_name,
+    steps_keep_count,
+)
 from library.train_state import TrainState, resolve_resume_folder, save_state_folder
-from library.trainer_setup import (allow_fp16_gradients, any_rank_diverged, average_gradients, base_weights_identity,
-                                   check_input_files, create_network, init_trackers, initial_state, log_flag_notes,
-                                   make_accelerator, merge_base_weights, seed_step, set_seed, show_dataset, training_metadata)
+from library.trainer_setup import (
+    allow_fp16_gradients,
+    any_rank_diverged,
+    average_gradients,
+    base_weights_identity,
+    check_input_files,
+    create_network,
+    init_trackers,
+    initial_state,
+    log_flag_notes,
+    make_accelerator,
+    merge_base_weights,
+    seed_step,
+    set_seed,
+    show_dataset,
+    training_metadata,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -431,6 +457,24 @@ class NetworkTrainer:
                 problems.append("--cache_text_encoder_outputs leaves nothing to train with --network_train_text_encoder_only")
         if problems:
             raise ValueError("; ".join(problems))
+
+
+USER_ERRORS = (ValueError, OSError, TokenizerUnavailable, TrainingDiverged)
+"""Expected problems (bad file, flag, dataset, diverged loss): one line, no traceback."""
+
+
+def run_cli(trainer_class: type[NetworkTrainer], parser: argparse.ArgumentParser, argv: list[str] | None = None,
+            resolve: Callable[[argparse.Namespace], argparse.Namespace] | None = None) -> None:
+    """What every entry script's main() does: parse, set up logging, train, report expected errors in one line.
+    `resolve` derives family-specific values from the parsed flags (it may raise a user error)."""
+    args = parse_args(parser, argv)
+    setup_logging(args)
+
+    def run() -> None:
+        resolved = resolve(args) if resolve else args
+        trainer_class(resolved).train(resolved)
+
+    exit_on_user_error(run, USER_ERRORS)
 
 
 def enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:

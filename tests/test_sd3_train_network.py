@@ -124,12 +124,28 @@ def test_block_swap_without_cuda_is_a_clear_error(tiny_sd3_checkpoints, sd3_toke
     assert "--blocks_to_swap" in line and "CUDA" in line
 
 
-def test_fp8_base_trains_with_bf16(tiny_sd3_checkpoints, sd3_tokenizer_cache_dir, tmp_path):
+def test_fp8_base_stores_frozen_weights_in_fp8_and_trains(tiny_sd3_checkpoints, sd3_tokenizer_cache_dir, tmp_path,
+                                                          monkeypatch):
+    placed = {}
+    original = sd3_train_network.Sd3NetworkTrainer.place_denoiser
+
+    def spy(self, args, models, device, dtype, resolutions):
+        original(self, args, models, device, dtype, resolutions)
+        placed["mmdit"] = {n: p.dtype for n, p in models.denoiser.named_parameters()}
+        placed["t5"] = {n: p.dtype for n, p in models.extra["text"].t5xxl.named_parameters()}
+
+    monkeypatch.setattr(sd3_train_network.Sd3NetworkTrainer, "place_denoiser", spy)
     dataset = make_dataset(tmp_path / "data")
     out = tmp_path / "out"
     sd3_train_network.main(sd3_argv(tiny_sd3_checkpoints["sd3.5-medium"], sd3_tokenizer_cache_dir, dataset, out,
-                                    "--fp8_base", "--mixed_precision=bf16", "--network_train_unet_only", "--cache_latents"))
-    assert all(torch.isfinite(t).all() for t in lora_tensors(out / "lora.safetensors").values())
+                                    "--fp8_base", "--mixed_precision=bf16", "--cache_latents"))
+    assert placed["mmdit"]["joint_blocks.0.x_block.attn.qkv.weight"] == torch.float8_e4m3fn
+    assert placed["mmdit"]["x_embedder.proj.weight"] == torch.bfloat16  # embedders stay in the compute dtype
+    assert placed["t5"]["encoder.block.0.layer.0.SelfAttention.q.weight"] == torch.float8_e4m3fn
+    assert all(dtype != torch.float8_e4m3fn for name, dtype in placed["t5"].items() if "DenseReluDense.wo" in name)
+    tensors = lora_tensors(out / "lora.safetensors")
+    assert any(k.startswith("lora_te1_") for k in tensors)  # LoRA trains on top of fp8 text encoders too
+    assert all(torch.isfinite(t).all() for t in tensors.values())
 
 
 @pytest.mark.slow

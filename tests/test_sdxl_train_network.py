@@ -8,6 +8,8 @@ from train_helpers import lora_metadata, lora_tensors, make_dataset, scalars
 
 import sdxl_train_network
 import train_network
+from library.args import parse_args
+from library.console import setup_logging
 
 
 def sdxl_argv(checkpoint, tokenizers, dataset, output, *extra: str) -> list[str]:
@@ -88,9 +90,9 @@ def test_wrong_family_and_rejected_flags(tiny_sd1_checkpoint, tiny_sdxl_checkpoi
 
 
 def test_fp16_without_no_half_vae_warns(tiny_sdxl_checkpoint, capsys):
-    args = sdxl_train_network.parse_args(sdxl_train_network.setup_parser(),
+    args = parse_args(sdxl_train_network.setup_parser(),
                                          [f"--pretrained_model_name_or_path={tiny_sdxl_checkpoint}", "--mixed_precision=fp16"])
-    sdxl_train_network.setup_logging(args)
+    setup_logging(args)
     sdxl_train_network.SdxlNetworkTrainer(args)
     assert "--no_half_vae" in capsys.readouterr().err
 

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from train_helpers import base_argv, lora_metadata, lora_tensors, make_dataset, scalars
 
 import train_network
+from library.args import parse_args
 from library.trainer import TrainingDiverged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_saves(argv, tmp_path, mo
 
     monkeypatch.setattr(train_network.SdNetworkTrainer, "compute_loss", poisoned)
     out = tmp_path / "out"
-    args = train_network.parse_args(train_network.setup_parser(), argv("--max_train_steps=5", "--save_every_n_steps=2"))
+    args = parse_args(train_network.setup_parser(), argv("--max_train_steps=5", "--save_every_n_steps=2"))
     with pytest.raises(TrainingDiverged, match="at step 3"):
         train_network.SdNetworkTrainer(args).train(args)
     saved = out / "lora-step00000002.safetensors"
