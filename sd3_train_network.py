@@ -178,7 +178,7 @@ class Sd3NetworkTrainer(NetworkTrainer):
 
     def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
         def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
-            context, pooled = sd3_conditioning(self.encode_text(models, [prompt.prompt, prompt.negative_prompt]),
+            context, pooled = sd3_conditioning(self.encode_prompts(models, [prompt.prompt, prompt.negative_prompt], device),
                                                context_dim=models.denoiser.config.context_in_dim)
             (cond_c, uncond_c), (cond_p, uncond_p) = context.chunk(2), pooled.chunk(2)
             guided = cfg(lambda x, t, c: models.denoiser(x, t, c[0], c[1]), (cond_c, cond_p), (uncond_c, uncond_p), prompt.cfg_scale)

@@ -92,7 +92,7 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
     def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
         def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
-            text = self.encode_text(models, [prompt.prompt, prompt.negative_prompt])
+            text = self.encode_prompts(models, [prompt.prompt, prompt.negative_prompt], device)
             size = (prompt.height // 64 * 64, prompt.width // 64 * 64)
             y = sdxl_size_embedding(text["pooled"], size, (0, 0), size)
             (cond_c, uncond_c), (cond_y, uncond_y) = text["hidden_states"].chunk(2), y.chunk(2)

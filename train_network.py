@@ -88,7 +88,7 @@ class SdNetworkTrainer(NetworkTrainer):
 
     def sample_images(self, models: Models, sample: SampleConfig, *, step: int, epoch: int | None, device: torch.device) -> list[Path]:
         def render(prompt: SamplePrompt, generator: torch.Generator, sampler: str) -> torch.Tensor:
-            cond, uncond = self.encode_text(models, [prompt.prompt, prompt.negative_prompt])["hidden_states"].chunk(2)
+            cond, uncond = self.encode_prompts(models, [prompt.prompt, prompt.negative_prompt], device)["hidden_states"].chunk(2)
             guided = cfg(models.denoiser, cond, uncond, prompt.cfg_scale)
             return ddpm_latents(prompt, generator, sampler, guided=guided, schedule=self.schedule,
                                 v_parameterization=self.v_parameterization, channels=4)

@@ -32,6 +32,7 @@ from library.metadata import minimum_metadata
 from library.models.tokenizers import TokenizerUnavailable
 from library.optim import OptimizerConfig, build_optimizer, set_train_mode
 from library.run_config import RunConfig, SampleConfig, SaveConfig, ValidationConfig
+from library.sample_prompts import load_sample_prompts
 from library.saving import (
     epoch_file_name,
     epoch_pattern,
@@ -118,6 +119,14 @@ class NetworkTrainer:
         """ss_base_model_version, modelspec.* and the family's own ss_* keys."""
         raise NotImplementedError
 
+    def encode_prompts(self, models: Models, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """encode_text for preview prompts: outputs computed before the text encoders left the GPU when they are
+        cached, else a fresh encode. Families call this from sample_images."""
+        stored = getattr(self, "_prompt_outputs", {})
+        if all(prompt in stored for prompt in prompts):
+            return {key: torch.cat([stored[p][key] for p in prompts]).to(device) for key in stored[prompts[0]]}
+        return self.encode_text(models, prompts)
+
     def place_denoiser(self, args: argparse.Namespace, models: Models, device: torch.device, dtype: torch.dtype,
                        resolutions: list[tuple[int, int]]) -> None:
         """Put the frozen denoiser on the training device (a family with block swap or fp8 weights does more).
@@ -196,10 +205,14 @@ class NetworkTrainer:
                                                text_key, to_disk=args.cache_text_encoder_outputs_to_disk,
                                                batch_size=args.text_encoder_batch_size or args.vae_batch_size,
                                                skip_check=args.skip_cache_check)
-        keep = bool(args.sample_prompts) or args.highvram  # previews need the VAE and the text encoders again
-        if args.cache_latents and not keep:
+            if args.cache_text_encoder_outputs and args.sample_prompts:
+                # Encode the preview prompts now, so the (frozen) text encoders can leave the GPU for the whole run.
+                prompts = {text for p in load_sample_prompts(Path(args.sample_prompts)) for text in (p.prompt, p.negative_prompt)}
+                self._prompt_outputs = {text: {k: v.cpu() for k, v in self.encode_text(models, [text]).items()}
+                                        for text in sorted(prompts)}
+        if args.cache_latents and not (args.sample_prompts or args.highvram):  # previews decode with the VAE
             models.vae.to("cpu")
-        if args.cache_text_encoder_outputs and not keep:
+        if args.cache_text_encoder_outputs and not args.highvram:
             for encoder in models.text_encoders:
                 encoder.to("cpu")
 

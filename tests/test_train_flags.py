@@ -188,3 +188,28 @@ def test_cpu_offload_checkpointing_trains_like_plain_checkpointing(run):
     offloaded = lora_tensors(run("--gradient_checkpointing", "--cpu_offload_checkpointing", output="off") / "lora.safetensors")
     for key in plain:
         torch.testing.assert_close(offloaded[key], plain[key])
+
+
+def test_previews_reuse_prompt_outputs_encoded_before_the_text_encoders_leave(run, tmp_path, monkeypatch):
+    """With cached text outputs the preview prompts are encoded once up front, never while sampling."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red square --n blurry --w 64 --h 64 --d 3 --s 2\n")
+    sampling, calls = {"on": False}, []
+    original_encode, original_sample = train_network.SdNetworkTrainer.encode_text, train_network.SdNetworkTrainer.sample_images
+
+    def encode(self, models, captions):
+        calls.append(sampling["on"])
+        return original_encode(self, models, captions)
+
+    def sample(self, *args, **kwargs):
+        sampling["on"] = True
+        try:
+            return original_sample(self, *args, **kwargs)
+        finally:
+            sampling["on"] = False
+
+    monkeypatch.setattr(train_network.SdNetworkTrainer, "encode_text", encode)
+    monkeypatch.setattr(train_network.SdNetworkTrainer, "sample_images", sample)
+    out = run("--cache_text_encoder_outputs", f"--sample_prompts={prompts}", "--sample_every_n_steps=1")
+    assert len(list((out / "sample").glob("*.png"))) == 2
+    assert calls and not any(calls)  # every encode happened outside sampling
