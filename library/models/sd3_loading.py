@@ -12,17 +12,23 @@ brought into one layout here. Configs are read off the tensors, never fetched.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import Tensor
 from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
 from library.models.checkpoint import CheckpointError, checkpoint_keys, detect_family, load_state_dict, strip_prefix
+from library.models.loading_common import (
+    VAE_PREFIX,
+    adopt_weights,
+    build_model,
+    cast_floating,
+    errors_naming,
+    ldm_vae_state_dict,
+)
 from library.models.mmdit import MMDiT, MMDiTConfig, infer_mmdit_config
 from library.models.sd3_text import Sd3TextEncoders
 from library.models.text_encoders import (
@@ -32,11 +38,9 @@ from library.models.text_encoders import (
     load_clip_text_model,
     openclip_to_hf_text_state_dict,
 )
-from library.models.vae import AutoencoderKL, VaeConfig, infer_vae_config
-from library.models.vae_keys import vae_state_dict_from_diffusers
+from library.models.vae import AutoencoderKL, infer_vae_config
 
 MMDIT_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 # SD3's latent normalisation: latents fed to the MMDiT are (z - shift) * scale.
 SD3_LATENT_SCALE = 1.5305
 SD3_LATENT_SHIFT = 0.0609
@@ -180,12 +184,13 @@ def load_sd3_models(
     state_dict = load_state_dict(path, mmap=mmap)
     _check_parts(path, state_dict, separate)
 
-    mmdit_weights = _cast(strip_prefix(state_dict, MMDIT_PREFIX), dtype)
-    with _naming(f"{path} (MMDiT)"):
+    mmdit_weights = cast_floating(strip_prefix(state_dict, MMDIT_PREFIX), dtype)
+    mmdit_source = f"{path} (MMDiT)"
+    with errors_naming(mmdit_source):
         config = infer_mmdit_config(mmdit_weights)
-        with torch.device("meta"):
+        with torch.device("meta"):  # buffers too, so adopt_weights catches one the state dict lacks
             mmdit = MMDiT(config)
-        _assign(mmdit, mmdit_weights)
+        adopt_weights(mmdit, mmdit_weights, mmdit_source)
     if separate["vae"] is not None:
         vae_model = _load_vae(load_state_dict(separate["vae"], mmap=mmap), dtype, f"--vae {separate['vae']}")
     else:
@@ -195,62 +200,19 @@ def load_sd3_models(
         file = separate[name]
         weights = _separate_weights(file, name, mmap) if file else strip_prefix(state_dict, text_encoder_prefix(name))
         encoder_dtype = (t5_dtype or dtype) if name == "t5xxl" else dtype
-        with _naming(f"--{name} {file}" if file else f"{path} ({_LABELS[name]})"):
-            encoders[name] = _build_encoder(name, _cast(weights, encoder_dtype))
+        with errors_naming(f"--{name} {file}" if file else f"{path} ({_LABELS[name]})"):
+            encoders[name] = _build_encoder(name, cast_floating(weights, encoder_dtype))
     text = Sd3TextEncoders(**encoders)
     _check_widths(config, text, path)
     return Sd3Models(mmdit=mmdit, mmdit_config=config, vae=vae_model, text=text, variant=sd3_variant(config))
 
 
-def _cast(state_dict: Mapping[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
-    return {key: value.to(dtype) if value.is_floating_point() else value for key, value in state_dict.items()}
-
-
-def _assign(model: torch.nn.Module, state_dict: Mapping[str, Tensor]) -> torch.nn.Module:
-    """Adopt the tensors into a model built on the meta device (strict: every key used, none missing)."""
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"weights do not fit the inferred model: {len(missing)} missing (e.g. {missing[:3]}), "
-            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    left_on_meta = [name for name, tensor in model.named_buffers() if tensor.is_meta]
-    if left_on_meta:  # a non-persistent buffer of a model built on the meta device: a bug in our code
-        raise RuntimeError(f"{type(model).__name__} buffers {left_on_meta[:3]} are not in its state dict")
-    return model
-
-
-@contextmanager
-def _naming(source: str) -> Iterator[None]:
-    """Re-raise bad-input errors of config inference and key adapters as one-line CheckpointErrors naming
-    the file and the part."""
-    try:
-        yield
-    except KeyError as error:
-        raise CheckpointError(f"{source}: required entry {error} is missing") from error
-    except ValueError as error:
-        if str(error).startswith(source):
-            raise
-        raise CheckpointError(f"{source}: {error}") from error
-
-
 def _load_vae(weights: Mapping[str, Tensor], dtype: torch.dtype, source: str) -> AutoencoderKL:
     """The VAE from the checkpoint's ``first_stage_model.*`` or a ``--vae`` file (ldm keys with or without
     that prefix, or diffusers keys)."""
-    with _naming(source):
-        if any(key.startswith(VAE_PREFIX) for key in weights):
-            weights = strip_prefix(weights, VAE_PREFIX)
-        levels = {key.split(".")[2] for key in weights if key.startswith("encoder.down_blocks.")}
-        if levels:
-            # Renaming needs only the level count; the real config is then read off the renamed tensors.
-            weights = vae_state_dict_from_diffusers(weights, VaeConfig(ch_mult=(1,) * len(levels)))
-        weights = _cast(weights, dtype)
-        config = infer_vae_config(weights)
-        with init_empty_weights():
-            model = AutoencoderKL(config)
-        return _assign(model, weights)
+    with errors_naming(source):
+        weights = cast_floating(ldm_vae_state_dict(weights), dtype)
+        return build_model(AutoencoderKL, infer_vae_config(weights), weights, source)
 
 
 def _separate_weights(file: Path, name: str, mmap: bool) -> dict[str, Tensor]:
@@ -316,9 +278,7 @@ def load_t5_encoder(state_dict: Mapping[str, Tensor]) -> T5EncoderModel:
     config = t5_config_from_state_dict(weights)
     embedding = weights.get(_T5_SHARED, weights.get(_T5_EMBED))
     weights[_T5_SHARED] = weights[_T5_EMBED] = embedding
-    with init_empty_weights():
-        model = T5EncoderModel(config)
-    return _assign(model, weights)
+    return build_model(T5EncoderModel, config, weights, "T5 encoder")
 
 
 def _check_widths(config: MMDiTConfig, text: Sd3TextEncoders, path: Path) -> None:

@@ -5,23 +5,33 @@ Single files keep the original ldm prefixes: ``model.diffusion_model.*`` (U-Net)
 ``cond_stage_model.model.*`` (SD2: OpenCLIP ViT-H, whose last layer is dropped because SD2 conditions on the
 penultimate one). Diffusers folders are renamed into the same layouts, so from here on one code path
 builds the models. Configs come from the tensors (or the folder's config.json), never from the hub.
+
+The U-Net + VAE steps at the end of the file are public because SDXL's loader uses them as they are; what
+all three families share (SD3 too) is in ``loading_common``.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from accelerate import init_empty_weights
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import CLIPTextModel
 
 from library.models.checkpoint import CheckpointError, checkpoint_keys, detect_family, load_state_dict, strip_prefix
+from library.models.loading_common import (
+    VAE_PREFIX,
+    build_model,
+    errors_naming,
+    load_diffusers_weights,
+    load_vae_override,
+    read_diffusers_config,
+    require_model,
+    vae_config_from_diffusers,
+)
 from library.models.sd_unet import SdUNet, SdUNetConfig, infer_unet_config
 from library.models.sd_unet_keys import unet_state_dict_from_diffusers
 from library.models.text_encoders import (
@@ -33,24 +43,17 @@ from library.models.vae import AutoencoderKL, VaeConfig, infer_vae_config
 from library.models.vae_keys import vae_state_dict_from_diffusers
 
 UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 SD1_TEXT_PREFIX = "cond_stage_model.transformer."
 SD2_TEXT_PREFIX = "cond_stage_model.model."
 SD1_TEXT_ACT = "quick_gelu"  # OpenAI CLIP-L
 SD2_TEXT_ACT = "gelu"  # OpenCLIP ViT-H
 
+UNetT = TypeVar("UNetT", bound=SdUNet)
+
 _OTHER_FAMILY = {
     "sdxl": "an SDXL checkpoint; use sdxl_train_network.py",
     "sd3": "an SD3 checkpoint; use sd3_train_network.py",
 }
-_DIFFUSERS_WEIGHT_FILES = (
-    "diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-    "diffusion_pytorch_model.fp16.safetensors",
-    "model.fp16.safetensors",
-    "diffusion_pytorch_model.bin",
-    "pytorch_model.bin",
-)
 
 
 @dataclass
@@ -68,10 +71,7 @@ class SdModels:
 class _Weights:
     """State dicts in our layouts (ldm U-Net/VAE, canonical HF CLIP), with the configs to build them."""
 
-    unet: dict[str, Tensor]
-    unet_config: SdUNetConfig
-    vae: dict[str, Tensor]
-    vae_config: VaeConfig
+    unet_vae: UNetVaeWeights
     text: dict[str, Tensor]
     text_act: str
 
@@ -90,20 +90,16 @@ def load_sd_models(
     checkpoint's VAE (``--vae``: a file with or without ``first_stage_model.``, or a diffusers VAE).
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model not found: {path} (--pretrained_model_name_or_path takes a local file or folder)")
+    require_model(path)
     weights = _folder_weights(path, v2, mmap) if path.is_dir() else _single_file_weights(path, v2, mmap)
-    if vae_path is not None:
-        weights.vae, weights.vae_config = _vae_override(Path(vae_path), mmap)
-    unet = _build(SdUNet, weights.unet_config, weights.unet, f"{path} (U-Net)")
-    vae = _build(AutoencoderKL, weights.vae_config, weights.vae, f"{vae_path or path} (VAE)")
-    with _errors_naming(f"{path} (text encoder)"):
+    unet, vae = build_unet_and_vae(SdUNet, weights.unet_vae, path, vae_path, mmap)
+    with errors_naming(f"{path} (text encoder)"):
         text_encoder = load_clip_text_model(weights.text, hidden_act=weights.text_act)
     return SdModels(
         unet=unet.to(dtype),
         vae=vae.to(dtype),
         text_encoder=text_encoder.to(dtype),
-        unet_config=weights.unet_config,
+        unet_config=weights.unet_vae.unet_config,
         v2=v2,
     )
 
@@ -112,8 +108,7 @@ def check_sd_checkpoint(path: str | Path, *, v2: bool) -> None:
     """Fail early, before the dataset is scanned or any weights are read, on a missing file or a checkpoint
     of another family (reads only a safetensors header)."""
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"model not found: {path} (--pretrained_model_name_or_path takes a local file or folder)")
+    require_model(path)
     keys = None if path.is_dir() else checkpoint_keys(path)
     if keys is not None:
         _check_family(detect_family(keys, source=str(path)), v2, path)
@@ -131,7 +126,7 @@ def _check_family(family: str, v2: bool, source: Path) -> None:
 def _single_file_weights(path: Path, v2: bool, mmap: bool) -> _Weights:
     state_dict = load_state_dict(path, mmap=mmap)
     _check_family(detect_family(state_dict, source=str(path)), v2, path)
-    with _errors_naming(path):
+    with errors_naming(path):
         unet, vae = strip_prefix(state_dict, UNET_PREFIX), strip_prefix(state_dict, VAE_PREFIX)
         if not unet:
             raise CheckpointError(f"no {UNET_PREFIX}* (U-Net) weights")
@@ -142,10 +137,7 @@ def _single_file_weights(path: Path, v2: bool, mmap: bool) -> _Weights:
         else:
             text = canonical_hf_text_state_dict(strip_prefix(state_dict, SD1_TEXT_PREFIX))
         return _Weights(
-            unet=unet,
-            unet_config=infer_unet_config(unet),
-            vae=vae,
-            vae_config=infer_vae_config(vae),
+            unet_vae=UNetVaeWeights(unet, infer_unet_config(unet), vae, infer_vae_config(vae)),
             text=text,
             text_act=SD2_TEXT_ACT if v2 else SD1_TEXT_ACT,
         )
@@ -156,85 +148,15 @@ def _folder_weights(folder: Path, v2: bool, mmap: bool) -> _Weights:
         raise CheckpointError(f"{folder} is {_OTHER_FAMILY['sd3']}")
     if (folder / "text_encoder_2").is_dir():
         raise CheckpointError(f"{folder} is {_OTHER_FAMILY['sdxl']}")
-    text_config = _read_config(folder / "text_encoder")
+    text_config = read_diffusers_config(folder / "text_encoder")
     text_act = text_config.get("hidden_act", SD1_TEXT_ACT)
     _check_family("sd2" if text_act == SD2_TEXT_ACT else "sd1", v2, folder)
-    with _errors_naming(folder):
-        unet_config = unet_config_from_diffusers(_read_config(folder / "unet"))
-        vae_config = vae_config_from_diffusers(_read_config(folder / "vae"))
+    with errors_naming(folder):
         return _Weights(
-            unet=unet_state_dict_from_diffusers(_load_component(folder / "unet", mmap), unet_config),
-            unet_config=unet_config,
-            vae=vae_state_dict_from_diffusers(_load_component(folder / "vae", mmap), vae_config),
-            vae_config=vae_config,
-            text=canonical_hf_text_state_dict(_load_component(folder / "text_encoder", mmap)),
+            unet_vae=read_diffusers_unet_vae(folder, mmap, unet_config_from_diffusers),
+            text=canonical_hf_text_state_dict(load_diffusers_weights(folder / "text_encoder", mmap)),
             text_act=text_act,
         )
-
-
-def _vae_override(path: Path, mmap: bool) -> tuple[dict[str, Tensor], VaeConfig]:
-    """``--vae``: a diffusers VAE folder, or a file in the ldm (optionally prefixed) or diffusers layout."""
-    if not path.exists():
-        raise CheckpointError(f"--vae file not found: {path}")
-    with _errors_naming(path, "--vae "):
-        if path.is_dir():
-            folder = path / "vae" if (path / "vae" / "config.json").exists() else path
-            config = vae_config_from_diffusers(_read_config(folder))
-            return vae_state_dict_from_diffusers(_load_component(folder, mmap), config), config
-        state_dict = load_state_dict(path, mmap=mmap)
-        if any(key.startswith(VAE_PREFIX) for key in state_dict):
-            state_dict = strip_prefix(state_dict, VAE_PREFIX)
-        levels = {key.split(".")[2] for key in state_dict if key.startswith("encoder.down_blocks.")}
-        if levels:
-            # The renaming only needs the level count; the real config is read off the renamed tensors below.
-            state_dict = vae_state_dict_from_diffusers(state_dict, VaeConfig(ch_mult=(1,) * len(levels)))
-        return state_dict, infer_vae_config(state_dict)
-
-
-def _build(model_class: type[nn.Module], config: Any, state_dict: dict[str, Tensor], source: str) -> nn.Module:
-    """Instantiate without allocating random weights, then adopt the checkpoint tensors (strict)."""
-    with init_empty_weights():
-        model = model_class(config)
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{source}: weights do not fit the inferred {type(config).__name__}: "
-            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
-        )
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    return model
-
-
-@contextmanager
-def _errors_naming(source: Path | str, flag: str = "") -> Iterator[None]:
-    """Re-raise bad-input errors of the key adapters and config inference as CheckpointErrors naming the file."""
-    label = f"{flag}{source}"
-    try:
-        yield
-    except KeyError as error:
-        raise CheckpointError(f"{label}: required entry {error} is missing") from error
-    except ValueError as error:
-        if str(error).startswith(label):
-            raise
-        raise CheckpointError(f"{label}: {error}") from error
-
-
-def _read_config(component: Path) -> dict[str, Any]:
-    config_file = component / "config.json"
-    if not config_file.is_file():
-        raise CheckpointError(f"{component.parent} is not a diffusers SD folder: {config_file} is missing")
-    try:
-        return json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise CheckpointError(f"{config_file} is not valid JSON (line {error.lineno}: {error.msg})") from error
-
-
-def _load_component(component: Path, mmap: bool) -> dict[str, Tensor]:
-    for name in _DIFFUSERS_WEIGHT_FILES:
-        if (component / name).is_file():
-            return load_state_dict(component / name, mmap=mmap)
-    raise CheckpointError(f"no weights file in {component} (expected one of {', '.join(_DIFFUSERS_WEIGHT_FILES)})")
 
 
 def unet_config_from_diffusers(config: dict[str, Any]) -> SdUNetConfig:
@@ -245,6 +167,7 @@ def unet_config_from_diffusers(config: dict[str, Any]) -> SdUNetConfig:
     """
     if config.get("addition_embed_type") or config.get("class_embed_type"):
         raise CheckpointError("the U-Net takes class/time embeddings (SDXL or an upscaler), not an SD1/SD2 U-Net")
+    fields = diffusers_unet_fields(config)
     widths = list(config["block_out_channels"])
     heads = config.get("num_attention_heads") or config.get("attention_head_dim", 8)
     depth = config.get("transformer_layers_per_block", 1)
@@ -260,32 +183,63 @@ def unet_config_from_diffusers(config: dict[str, Any]) -> SdUNetConfig:
         if len(per_head) != 1:
             raise CheckpointError(f"attention heads {heads} over widths {widths} fit neither the SD1 nor the SD2 rule")
         head_channels = per_head.pop()
-    return SdUNetConfig(
-        in_channels=config.get("in_channels", 4),
-        out_channels=config.get("out_channels", 4),
-        model_channels=widths[0],
-        channel_mult=tuple(width // widths[0] for width in widths),
-        num_res_blocks=config.get("layers_per_block", 2),
-        attention_levels=tuple(i for i, kind in enumerate(config["down_block_types"]) if kind.startswith("CrossAttn")),
-        context_dim=config["cross_attention_dim"],
-        num_heads=num_heads,
-        num_head_channels=head_channels,
-        use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
-        transformer_depth=depth,
-        norm_groups=config.get("norm_num_groups", 32),
+    return SdUNetConfig(**fields, num_heads=num_heads, num_head_channels=head_channels, transformer_depth=depth)
+
+
+# ---------------------------------------------------------------------------------------------- shared with SDXL
+# SD1/SD2 and SDXL differ in their text encoders and in the rules of their U-Net configs; what follows is the
+# part of the U-Net + VAE handling where they agree (sdxl_loading uses it too).
+
+
+@dataclass
+class UNetVaeWeights:
+    """A U-Net's tensors (ldm/sgm layout) and a VAE's (ldm layout), with the configs that build them."""
+
+    unet: dict[str, Tensor]
+    unet_config: SdUNetConfig
+    vae: dict[str, Tensor]
+    vae_config: VaeConfig
+
+
+def read_diffusers_unet_vae(
+    folder: Path, mmap: bool, unet_config_reader: Callable[[dict[str, Any]], SdUNetConfig]
+) -> UNetVaeWeights:
+    """``unet/`` and ``vae/`` of a diffusers pipeline folder, renamed into our layouts; ``unet_config_reader``
+    applies the family's rules to ``unet/config.json``."""
+    unet_config = unet_config_reader(read_diffusers_config(folder / "unet"))
+    vae_config = vae_config_from_diffusers(read_diffusers_config(folder / "vae"))
+    return UNetVaeWeights(
+        unet=unet_state_dict_from_diffusers(load_diffusers_weights(folder / "unet", mmap), unet_config),
+        unet_config=unet_config,
+        vae=vae_state_dict_from_diffusers(load_diffusers_weights(folder / "vae", mmap), vae_config),
+        vae_config=vae_config,
     )
 
 
-def vae_config_from_diffusers(config: dict[str, Any]) -> VaeConfig:
-    """VaeConfig from a diffusers ``vae/config.json``."""
+def build_unet_and_vae(
+    unet_class: type[UNetT], weights: UNetVaeWeights, path: Path, vae_path: str | Path | None, mmap: bool
+) -> tuple[UNetT, AutoencoderKL]:
+    """The U-Net and the VAE, the latter from ``vae_path`` (``--vae``) when given, else from ``weights``."""
+    if vae_path is not None:
+        weights.vae, weights.vae_config = load_vae_override(Path(vae_path), mmap)
+    unet = build_model(unet_class, weights.unet_config, weights.unet, f"{path} (U-Net)")
+    vae = build_model(AutoencoderKL, weights.vae_config, weights.vae, f"{vae_path or path} (VAE)")
+    return unet, vae
+
+
+def diffusers_unet_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The SdUNetConfig fields that a diffusers ``unet/config.json`` states alike for SD1/SD2 and SDXL; the
+    head-count and transformer-depth rules differ and stay with each family's loader."""
     widths = list(config["block_out_channels"])
-    return VaeConfig(
-        in_channels=config.get("in_channels", 3),
-        out_channels=config.get("out_channels", 3),
-        z_channels=config.get("latent_channels", 4),
-        ch=widths[0],
-        ch_mult=tuple(width // widths[0] for width in widths),
-        num_res_blocks=config.get("layers_per_block", 2),
-        use_quant_conv=config.get("use_quant_conv", True),
-        norm_groups=config.get("norm_num_groups", 32),
-    )
+    down_blocks = config["down_block_types"]
+    return {
+        "in_channels": config.get("in_channels", 4),
+        "out_channels": config.get("out_channels", 4),
+        "model_channels": widths[0],
+        "channel_mult": tuple(width // widths[0] for width in widths),
+        "num_res_blocks": config.get("layers_per_block", 2),
+        "attention_levels": tuple(i for i, kind in enumerate(down_blocks) if kind.startswith("CrossAttn")),
+        "context_dim": config["cross_attention_dim"],
+        "use_linear_in_transformer": bool(config.get("use_linear_projection", False)),
+        "norm_groups": config.get("norm_num_groups", 32),
+    }

@@ -22,19 +22,20 @@ from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from library.models.checkpoint import CheckpointError, checkpoint_keys, detect_family, load_state_dict, strip_prefix
-
-# The SD loader's file helpers apply unchanged: strict meta-device building, error naming, diffusers
-# component files, and the --vae override (the SDXL VAE has SD's layout).
+from library.models.loading_common import (
+    VAE_PREFIX,
+    errors_naming,
+    load_diffusers_weights,
+    read_diffusers_config,
+    require_model,
+)
 from library.models.sd_loading import (
-    _build,
-    _errors_naming,
-    _load_component,
-    _read_config,
-    _vae_override,
-    vae_config_from_diffusers,
+    UNetVaeWeights,
+    build_unet_and_vae,
+    diffusers_unet_fields,
+    read_diffusers_unet_vae,
 )
 from library.models.sd_unet import SdUNetConfig, SdxlUNet, infer_unet_config
-from library.models.sd_unet_keys import unet_state_dict_from_diffusers
 from library.models.sdxl_conditioning import SIZE_EMBEDDING_DIM, SIZE_VALUES
 from library.models.text_encoders import (
     PROJECTION_KEY,
@@ -43,10 +44,8 @@ from library.models.text_encoders import (
     openclip_to_hf_text_state_dict,
 )
 from library.models.vae import AutoencoderKL, VaeConfig, infer_vae_config
-from library.models.vae_keys import vae_state_dict_from_diffusers
 
 UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
 CLIP_L_PREFIX = "conditioner.embedders.0.transformer."
 CLIP_G_PREFIX = "conditioner.embedders.1.model."
 SDXL_LATENT_SCALE = 0.13025
@@ -79,10 +78,7 @@ class SdxlModels:
 class _Weights:
     """State dicts in our layouts (sgm U-Net, ldm VAE, canonical HF CLIP), with what builds them."""
 
-    unet: dict[str, Tensor]
-    unet_config: SdUNetConfig
-    vae: dict[str, Tensor]
-    vae_config: VaeConfig
+    unet_vae: UNetVaeWeights
     text_l: dict[str, Tensor]
     text_g: dict[str, Tensor]
     act_l: str = CLIP_L_ACT
@@ -102,21 +98,18 @@ def load_sdxl_models(
     path = Path(path)
     _require(path, vae_path)
     weights = _folder_weights(path, mmap) if path.is_dir() else _single_file_weights(path, mmap, vae_path is None)
-    if vae_path is not None:
-        weights.vae, weights.vae_config = _vae_override(Path(vae_path), mmap)
-    unet = _build(SdxlUNet, weights.unet_config, weights.unet, f"{path} (U-Net)")
-    vae = _build(AutoencoderKL, weights.vae_config, weights.vae, f"{vae_path or path} (VAE)")
-    with _errors_naming(f"{path} (CLIP-L text encoder)"):
+    unet, vae = build_unet_and_vae(SdxlUNet, weights.unet_vae, path, vae_path, mmap)
+    with errors_naming(f"{path} (CLIP-L text encoder)"):
         text_encoder_l = load_clip_text_model(weights.text_l, hidden_act=weights.act_l)
-    with _errors_naming(f"{path} (bigG text encoder)"):
+    with errors_naming(f"{path} (bigG text encoder)"):
         text_encoder_g = load_clip_text_model(weights.text_g, with_projection=True, hidden_act=weights.act_g)
-    _check_widths(weights.unet_config, text_encoder_l, text_encoder_g, path)
+    _check_widths(weights.unet_vae.unet_config, text_encoder_l, text_encoder_g, path)
     return SdxlModels(
         unet=unet.to(dtype),
         vae=vae.to(dtype),
         text_encoder_l=text_encoder_l.to(dtype),
         text_encoder_g=text_encoder_g.to(dtype),
-        unet_config=weights.unet_config,
+        unet_config=weights.unet_vae.unet_config,
     )
 
 
@@ -135,8 +128,7 @@ def check_sdxl_checkpoint(path: str | Path, *, vae_path: str | Path | None = Non
 
 
 def _require(path: Path, vae_path: str | Path | None) -> None:
-    if not path.exists():
-        raise CheckpointError(f"model not found: {path} (--pretrained_model_name_or_path takes a local file or folder)")
+    require_model(path)
     if vae_path is not None and not Path(vae_path).exists():
         raise CheckpointError(f"--vae file not found: {vae_path}")
 
@@ -173,14 +165,12 @@ def _check_folder(folder: Path) -> None:
 def _single_file_weights(path: Path, mmap: bool, need_vae: bool) -> _Weights:
     state_dict = load_state_dict(path, mmap=mmap)
     _check_single_file_keys(path, list(state_dict), need_vae)
-    with _errors_naming(path):
+    with errors_naming(path):
         unet, vae = strip_prefix(state_dict, UNET_PREFIX), strip_prefix(state_dict, VAE_PREFIX)
+        # A file without a VAE got this far only with --vae, which replaces both VAE entries.
+        vae_config = infer_vae_config(vae) if vae else VaeConfig()
         return _Weights(
-            unet=unet,
-            unet_config=_sdxl_unet_config(infer_unet_config(unet)),
-            vae=vae,
-            # A file without a VAE got this far only with --vae, which replaces both entries.
-            vae_config=infer_vae_config(vae) if vae else VaeConfig(),
+            unet_vae=UNetVaeWeights(unet, _sdxl_unet_config(infer_unet_config(unet)), vae, vae_config),
             text_l=canonical_hf_text_state_dict(strip_prefix(state_dict, CLIP_L_PREFIX)),
             text_g=bigg_to_hf_text_state_dict(strip_prefix(state_dict, CLIP_G_PREFIX)),
         )
@@ -208,18 +198,13 @@ def _sdxl_unet_config(config: SdUNetConfig) -> SdUNetConfig:
 
 def _folder_weights(folder: Path, mmap: bool) -> _Weights:
     _check_folder(folder)
-    with _errors_naming(folder):
-        unet_config = sdxl_unet_config_from_diffusers(_read_config(folder / "unet"))
-        vae_config = vae_config_from_diffusers(_read_config(folder / "vae"))
+    with errors_naming(folder):
         return _Weights(
-            unet=unet_state_dict_from_diffusers(_load_component(folder / "unet", mmap), unet_config),
-            unet_config=unet_config,
-            vae=vae_state_dict_from_diffusers(_load_component(folder / "vae", mmap), vae_config),
-            vae_config=vae_config,
-            text_l=canonical_hf_text_state_dict(_load_component(folder / "text_encoder", mmap)),
-            text_g=canonical_hf_text_state_dict(_load_component(folder / "text_encoder_2", mmap)),
-            act_l=_read_config(folder / "text_encoder").get("hidden_act", CLIP_L_ACT),
-            act_g=_read_config(folder / "text_encoder_2").get("hidden_act", CLIP_G_ACT),
+            unet_vae=read_diffusers_unet_vae(folder, mmap, sdxl_unet_config_from_diffusers),
+            text_l=canonical_hf_text_state_dict(load_diffusers_weights(folder / "text_encoder", mmap)),
+            text_g=canonical_hf_text_state_dict(load_diffusers_weights(folder / "text_encoder_2", mmap)),
+            act_l=read_diffusers_config(folder / "text_encoder").get("hidden_act", CLIP_L_ACT),
+            act_g=read_diffusers_config(folder / "text_encoder_2").get("hidden_act", CLIP_G_ACT),
         )
 
 
@@ -239,9 +224,8 @@ def sdxl_unet_config_from_diffusers(config: dict[str, Any]) -> SdUNetConfig:
             f"unet/config.json embeds each size value in {config['addition_time_embed_dim']} channels; "
             f"SDXL uses {SIZE_EMBEDDING_DIM}"
         )
-    widths = list(config["block_out_channels"])
-    levels = range(len(widths))
-    attention_levels = tuple(i for i, kind in enumerate(config["down_block_types"]) if kind.startswith("CrossAttn"))
+    fields = diffusers_unet_fields(config)
+    widths, attention_levels = list(config["block_out_channels"]), fields["attention_levels"]
     depth = config.get("transformer_layers_per_block", 1)
     depth = [depth] * len(widths) if isinstance(depth, int) else list(depth)
     if any(not isinstance(count, int) for count in depth):
@@ -252,17 +236,9 @@ def sdxl_unet_config_from_diffusers(config: dict[str, Any]) -> SdUNetConfig:
     if len(per_head) != 1:
         raise CheckpointError(f"attention heads {heads} over widths {widths} have no constant head width")
     return SdUNetConfig(
-        in_channels=config.get("in_channels", 4),
-        out_channels=config.get("out_channels", 4),
-        model_channels=widths[0],
-        channel_mult=tuple(width // widths[0] for width in widths),
-        num_res_blocks=config.get("layers_per_block", 2),
-        attention_levels=attention_levels,
-        transformer_depth=tuple(depth[level] if level in attention_levels else 0 for level in levels),
-        context_dim=config["cross_attention_dim"],
+        **fields,
+        transformer_depth=tuple(depth[level] if level in attention_levels else 0 for level in range(len(widths))),
         num_head_channels=per_head.pop(),
-        use_linear_in_transformer=bool(config.get("use_linear_projection", False)),
-        norm_groups=config.get("norm_num_groups", 32),
         adm_in_channels=config["projection_class_embeddings_input_dim"],
     )
 
