@@ -46,9 +46,9 @@ from library.trainer import Models, NetworkTrainer, run_cli
 logger = logging.getLogger(__name__)
 
 VAE_SCALE, VAE_SHIFT = SD3_LATENT_SCALE, SD3_LATENT_SHIFT
-SAMPLING_SHIFT = 3.0
+SAMPLING_SHIFT = 3.0  # the shift SD3's released scheduler config uses at inference
 # transformers' gated T5 feed-forward casts its input to `wo`'s weight dtype, which must not be fp8 (sd-scripts keeps it too).
-T5_FP8_UNSAFE = ("DenseReluDense.wo",)  # the shift SD3's released scheduler config uses at inference
+T5_FP8_UNSAFE = ("DenseReluDense.wo",)
 
 _DDPM_ONLY = "SD3 is a flow-matching model; this option belongs to the DDPM models (SD1/2, SDXL)"
 SD3_UNSUPPORTED = {

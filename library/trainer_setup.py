@@ -89,6 +89,8 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- checks and notes
 def check_input_files(args: argparse.Namespace) -> None:
     """Every file or folder a flag names must exist, checked before anything slow happens."""
+    if not args.pretrained_model_name_or_path:
+        raise ValueError("--pretrained_model_name_or_path is required: the checkpoint file (or diffusers folder) to train on")
     named = {"--vae": args.vae, "--network_weights": args.network_weights, "--resume": args.resume,
              "--sample_prompts": args.sample_prompts, "--dataset_config": args.dataset_config,
              "--train_data_dir": args.train_data_dir, "--reg_data_dir": args.reg_data_dir, "--in_json": args.in_json}

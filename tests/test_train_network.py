@@ -189,3 +189,12 @@ def test_bf16_mixed_precision_trains_text_encoder_and_unet(argv, tmp_path, lora_
     tensors = lora_tensors(out / "lora.safetensors")
     assert any(k.startswith("lora_te_") for k in tensors) and any(k.startswith("lora_unet_") for k in tensors)
     assert all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in tensors.values())
+
+
+@pytest.mark.parametrize("script", ["train_network", "sdxl_train_network", "sd3_train_network"])
+def test_a_missing_base_model_flag_is_named(script, capsys, tmp_path):
+    import importlib
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).main([f"--output_dir={tmp_path}"])
+    assert "--pretrained_model_name_or_path is required" in capsys.readouterr().err
