@@ -27,6 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import sdxl_train_network
+import train_network
 from bench.bench_common import (
     GIB,
     Step,
@@ -55,8 +57,6 @@ from library.models.sd_unet import (
 from library.optim import OptimizerConfig, build_optimizer
 from library.trainer import Models, NetworkTrainer, seed_step
 from networks.lora import create_network
-import sdxl_train_network
-import train_network
 
 SEED = 42
 TEXT_TOKENS = 77
