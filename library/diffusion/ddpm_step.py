@@ -49,14 +49,7 @@ class DdpmLossConfig:
     masked_loss: bool = False
 
     def __post_init__(self) -> None:
-        if self.loss_type not in losses.LOSS_TYPES:
-            raise ValueError(f"--loss_type {self.loss_type!r} is unknown; use one of {', '.join(losses.LOSS_TYPES)}")
-        if self.huber_schedule not in losses.HUBER_SCHEDULES:
-            raise ValueError(
-                f"--huber_schedule {self.huber_schedule!r} is unknown; use one of {', '.join(losses.HUBER_SCHEDULES)}"
-            )
-        if self.loss_type in ("huber", "smooth_l1") and self.huber_schedule == "exponential" and self.huber_c <= 0:
-            raise ValueError(f"--huber_c must be > 0 with --huber_schedule exponential, got {self.huber_c}")
+        losses.check_loss_options(self.loss_type, self.huber_schedule, self.huber_c)
         if self.adaptive_noise_scale is not None and self.noise_offset is None:
             raise ValueError("--adaptive_noise_scale needs --noise_offset; set --noise_offset (e.g. 0.05) or drop it")
         if self.scale_v_pred_loss_like_noise_pred and not self.v_parameterization:

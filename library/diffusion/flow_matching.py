@@ -182,12 +182,7 @@ class FlowMatchingLossConfig:
         self._check_loss_type()
 
     def _check_loss_type(self) -> None:
-        if self.loss_type not in losses.LOSS_TYPES:
-            raise ValueError(f"--loss_type {self.loss_type!r} is unknown; use one of {', '.join(losses.LOSS_TYPES)}")
-        if self.huber_schedule not in losses.HUBER_SCHEDULES:
-            raise ValueError(
-                f"--huber_schedule {self.huber_schedule!r} is unknown; use one of {', '.join(losses.HUBER_SCHEDULES)}"
-            )
+        losses.check_loss_options(self.loss_type, self.huber_schedule, self.huber_c)
         if self.loss_type not in ("huber", "smooth_l1"):
             return
         if self.huber_schedule == "snr":
@@ -195,8 +190,6 @@ class FlowMatchingLossConfig:
                 "--huber_schedule snr needs a DDPM noise schedule, which SD3 flow matching does not have; "
                 "use --huber_schedule constant or exponential"
             )
-        if self.huber_schedule == "exponential" and self.huber_c <= 0:
-            raise ValueError(f"--huber_c must be > 0 with --huber_schedule exponential, got {self.huber_c}")
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> FlowMatchingLossConfig:

@@ -128,3 +128,13 @@ def masked_mean(loss: Tensor, mask: Tensor) -> Tensor:
         raise ValueError(f"mask of shape {tuple(mask.shape)} does not fit a loss of shape {tuple(loss.shape)}")
     mask = F.interpolate(mask.to(device=loss.device, dtype=loss.dtype), size=loss.shape[2:], mode="area")
     return (loss * mask).mean(dim=(1, 2, 3))
+
+
+def check_loss_options(loss_type: str, huber_schedule: str, huber_c: float) -> None:
+    """One-line errors for --loss_type / --huber_schedule / --huber_c values no loss can use."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"--loss_type {loss_type!r} is unknown; use one of {', '.join(LOSS_TYPES)}")
+    if huber_schedule not in HUBER_SCHEDULES:
+        raise ValueError(f"--huber_schedule {huber_schedule!r} is unknown; use one of {', '.join(HUBER_SCHEDULES)}")
+    if loss_type in ("huber", "smooth_l1") and huber_schedule == "exponential" and huber_c <= 0:
+        raise ValueError(f"--huber_c must be > 0 with --huber_schedule exponential, got {huber_c}")
