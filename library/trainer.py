@@ -160,6 +160,7 @@ class NetworkTrainer:
             return None
 
         models = self.prepare_models(args)
+        check_bucket_sizes(train_set, models.vae.downscale * models.denoiser.latent_multiple)
         train_text_encoder = not args.network_train_unet_only and not args.cache_text_encoder_outputs
         if args.cache_text_encoder_outputs and not args.network_train_unet_only:
             logger.info("text-encoder outputs are cached, so only the denoiser's LoRA trains (as --network_train_unet_only)")
@@ -496,6 +497,14 @@ def enable_text_encoder_checkpointing(encoder: torch.nn.Module) -> None:
         encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_bucket_sizes(dataset: TrainDataset, multiple: int) -> None:
+    """Every bucket must divide evenly through the VAE and the denoiser; say so before any image is encoded."""
+    bad = sorted({reso for reso, _ in dataset.bucket_summary() if reso[0] % multiple or reso[1] % multiple})
+    if bad:
+        raise ValueError(f"buckets {', '.join(f'{w}x{h}' for w, h in bad)} are not multiples of {multiple} pixels, which "
+                         f"this model needs; use a bucket_reso_steps (and resolution) that is a multiple of {multiple}")
 
 
 def _report_dataset(train_set: TrainDataset) -> None:

@@ -180,3 +180,11 @@ def test_sdxl_style_file_given_to_sd3_script(sd3_tokenizer_cache_dir, tmp_path, 
     save_file({"conditioner.embedders.0.transformer.text_model.final_layer_norm.weight": torch.zeros(1)}, str(sdxl))
     line = _error_line(capsys, sd3_argv(sdxl, sd3_tokenizer_cache_dir, make_dataset(tmp_path / "data"), tmp_path / "o"))
     assert "sdxl" in line.lower()
+
+
+def test_buckets_must_fit_the_patch_size(tiny_sd3_checkpoints, sd3_tokenizer_cache_dir, tmp_path, capsys):
+    """SD3 latents go through 2x2 patches behind the 8x VAE: a 72-px bucket (latent 9) is refused up front."""
+    dataset = make_dataset(tmp_path / "data")
+    dataset.write_text(dataset.read_text().replace("resolution = 64", "resolution = 72"))
+    line = _error_line(capsys, sd3_argv(tiny_sd3_checkpoints["sd3-medium"], sd3_tokenizer_cache_dir, dataset, tmp_path / "o"))
+    assert "72x72" in line and "multiples of 16" in line

@@ -93,6 +93,18 @@ def test_forward_matches_diffusers(tiny_pair):
     assert relative_error(actual, expected) < 1e-4
 
 
+def test_latent_sides_not_divisible_by_the_levels_match_diffusers(tiny_pair):
+    """sd-scripts' 32-px buckets give SD1 latents like 60 (not a multiple of 8): upsampling meets the skip's size."""
+    config, ours, theirs, _ = tiny_pair
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 4, 13, 10, generator=generator)
+    context = torch.randn(1, 7, config.context_dim, generator=generator)
+    with torch.no_grad():
+        expected = theirs(x, torch.tensor([500.0]), encoder_hidden_states=context).sample
+        actual = ours(x, torch.tensor([500.0]), context)
+    assert actual.shape == x.shape and relative_error(actual, expected) < 1e-4
+
+
 def test_timestep_embedding_is_ldm_cos_first():
     t = torch.tensor([0.0, 1.0, 500.0, 999.0])
     dim = 6

@@ -198,3 +198,11 @@ def test_a_missing_base_model_flag_is_named(script, capsys, tmp_path):
     with pytest.raises(SystemExit):
         importlib.import_module(script).main([f"--output_dir={tmp_path}"])
     assert "--pretrained_model_name_or_path is required" in capsys.readouterr().err
+
+
+def test_buckets_the_model_cannot_divide_are_refused_before_encoding(argv, dataset, capsys):
+    """The SD U-Net takes any latent size, the VAE works in 8-pixel steps: a 68x68 bucket cannot be encoded."""
+    dataset.write_text(dataset.read_text().replace("resolution = 64", "resolution = 68"))
+    line = _error_line(capsys, *argv("--cache_latents_to_disk"))
+    assert "68x68" in line and "multiples of 8" in line
+    assert not list((dataset.parent / "images").glob("*_lat.safetensors"))  # nothing was encoded

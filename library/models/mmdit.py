@@ -440,6 +440,11 @@ class MMDiT(nn.Module):
             return block(x, context, c)
         return checkpointed(block, x, context, c, cpu_offload=self.cpu_offload_checkpointing)
 
+    @property
+    def latent_multiple(self) -> int:
+        """Latent sides must be multiples of the patch size."""
+        return self.config.patch_size
+
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
         """Patch rows and columns for a (height, width) latent; checks it fits the stored position grid
         (scaled position embeddings have no size limit)."""

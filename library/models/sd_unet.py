@@ -166,14 +166,17 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+    """Nearest-neighbour x2 then a 3x3 conv: (B, C, H, W) -> (B, C, 2H, 2W), or to `size` when the skip
+    connection it meets is not exactly twice as large (a latent side not divisible by the level count)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.conv = nn.Conv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    def forward(self, x: Tensor, size: tuple[int, int] | None = None) -> Tensor:
+        if size is None:
+            return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
 class CrossAttention(nn.Module):
@@ -280,12 +283,14 @@ class SpatialTransformer(nn.Module):
 class TimestepEmbedSequential(nn.Sequential):
     """A U-Net block: hands each layer the extra input it needs (timestep embedding or context)."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor, upsample_size: tuple[int, int] | None = None) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, upsample_size)
             else:
                 x = layer(x)
         return x
@@ -375,16 +380,22 @@ class SdUNet(nn.Module):
                 blocks.append(TimestepEmbedSequential(*layers))
         return nn.ModuleList(blocks)
 
+    @property
+    def latent_multiple(self) -> int:
+        """Any latent size works: each upsampling meets its skip connection's size (see forward)."""
+        return 1
+
     def set_gradient_checkpointing(self, enabled: bool, cpu_offload: bool = False) -> None:
         """Recompute each input/middle/output block in backward instead of storing its activations;
         with cpu_offload the block inputs that checkpointing keeps wait in CPU memory."""
         self.gradient_checkpointing = enabled
         self.cpu_offload_checkpointing = enabled and cpu_offload
 
-    def _run_block(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor) -> Tensor:
+    def _run_block(self, block: TimestepEmbedSequential, h: Tensor, emb: Tensor, context: Tensor,
+                   upsample_size: tuple[int, int] | None = None) -> Tensor:
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-            return checkpointed(block, h, emb, context, cpu_offload=self.cpu_offload_checkpointing)
-        return block(h, emb, context)
+            return checkpointed(block, h, emb, context, upsample_size, cpu_offload=self.cpu_offload_checkpointing)
+        return block(h, emb, context, upsample_size)
 
     def forward(self, x: Tensor, timesteps: Tensor, context: Tensor, y: Tensor | None = None) -> Tensor:
         """x (B, in_channels, H, W), timesteps (B,), context (B, L, context_dim) -> (B, out_channels, H, W).
@@ -410,7 +421,9 @@ class SdUNet(nn.Module):
             skips.append(h)
         h = self._run_block(self.middle_block, h, emb, context)
         for block in self.output_blocks:
-            h = self._run_block(block, torch.cat([h, skips.pop()], dim=1), emb, context)
+            h = torch.cat([h, skips.pop()], dim=1)
+            # An output block that upsamples meets the next skip: match its size (odd latent sides), as diffusers does.
+            h = self._run_block(block, h, emb, context, tuple(skips[-1].shape[-2:]) if skips else None)
         return self.out(h).to(x.dtype)
 
 

@@ -229,6 +229,11 @@ class AutoencoderKL(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.encoder.conv_in.weight.dtype
 
+    @property
+    def downscale(self) -> int:
+        """Pixels per latent along each side (8 for every released SD VAE)."""
+        return 2 ** (len(self.config.ch_mult) - 1)
+
     def encode(self, x: Tensor) -> DiagonalGaussian:
         """x in [-1, 1], (B, in_channels, H, W); computed in the weights' dtype."""
         moments = self.encoder(x.to(self.dtype))
