@@ -6,6 +6,7 @@ optimizer step and returns the loss); everything here only calls that step and r
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import time
@@ -134,3 +135,16 @@ def emit(result: dict, summary: str, json_out: str | None, report: Callable[[str
     if json_out:
         with open(json_out, "a", encoding="utf-8") as out:
             out.write(json.dumps(result) + "\n")
+
+
+def add_common_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags every bench script takes: LoRA and optimizer settings, measurement options, output."""
+    parser.add_argument("--network_dim", type=int, default=16)
+    parser.add_argument("--network_alpha", type=float, default=16.0)
+    parser.add_argument("--optimizer_type", default="AdamW")
+    parser.add_argument("--full_bf16", action="store_true", help="LoRA weights in bf16 too (the trainer's --full_bf16)")
+    parser.add_argument("--matmul_size", type=int, default=8192, help="side of the bf16 matmul that measures the peak rate; 0 skips it")
+    parser.add_argument("--profile", action="store_true", help="also profile 3 steps: kernel time, launches, top kernels")
+    parser.add_argument("--flops_only", action="store_true", help="only count the FLOPs of one step on the meta device")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json_out", default=None)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.bench_common import (
     GIB,
     Step,
+    add_common_flags,
     bf16_matmul_tflops,
     count_flops,
     cuda_memory_fields,
@@ -115,15 +116,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_gradient_checkpointing", action="store_true")
     parser.add_argument("--steps", type=int, default=20, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--network_dim", type=int, default=16)
-    parser.add_argument("--network_alpha", type=float, default=16.0)
-    parser.add_argument("--optimizer_type", default="AdamW")
-    parser.add_argument("--full_bf16", action="store_true", help="LoRA weights in bf16 too (the trainer's --full_bf16)")
-    parser.add_argument("--matmul_size", type=int, default=8192, help="side of the bf16 matmul that measures the peak rate; 0 skips it")
-    parser.add_argument("--profile", action="store_true", help="also profile 3 steps: kernel time, launches, top kernels")
-    parser.add_argument("--flops_only", action="store_true", help="only count the FLOPs of one step on the meta device")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json_out", default=None)
+    add_common_flags(parser)
     return parser.parse_args(argv)
 
 
