@@ -1,0 +1,96 @@
+"""Low-rank factorisation of weight changes: the math shared by resizing, extracting and merging LoRAs.
+
+A LoRA module stores `down` (rank x in [x k x k]), `up` (out x rank [x 1 x 1]) and `alpha`, and changes
+its layer's weight by dW = up @ down * alpha / rank. Everything here works on dW itself: factor it by
+SVD at a fixed or data-chosen rank, and report how much of it (Frobenius norm) the factors keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+DYNAMIC_METHODS = ("sv_ratio", "sv_fro", "sv_cumulative")
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """dW ≈ up @ down * alpha / rank, with `down`/`up` shaped for the layer (conv kernels kept)."""
+
+    down: Tensor
+    up: Tensor
+    alpha: float
+    singular_values: Tensor  # all of dW's singular values, largest first (float32)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def retained_fro(self) -> float:
+        """Share of ||dW||_F the factors keep: sqrt(sum of kept s²) / sqrt(sum of all s²); 1 for dW = 0."""
+        total = float(self.singular_values.square().sum())
+        if total == 0.0:
+            return 1.0
+        return (float(self.singular_values[: self.rank].square().sum()) / total) ** 0.5
+
+
+def choose_rank(singular_values: Tensor, max_rank: int, method: str | None = None, param: float | None = None) -> int:
+    """The rank to keep, at most `max_rank` and at least 1.
+
+    method None: `max_rank`. sv_ratio: the singular values within a factor `param` of the largest.
+    sv_cumulative: the fewest leading values whose sum reaches `param` of the total. sv_fro: the fewest
+    whose squared sum reaches `param`² of the total (they keep at least `param` of the Frobenius norm).
+    """
+    if method is None:
+        return max(1, min(max_rank, singular_values.numel()))
+    if method not in DYNAMIC_METHODS:
+        raise ValueError(f"--dynamic_method {method!r}: expected one of {', '.join(DYNAMIC_METHODS)}")
+    if param is None:
+        raise ValueError(f"--dynamic_method {method} needs --dynamic_param")
+    s = singular_values.float()
+    if float(s.sum()) == 0.0:
+        return 1
+    if method == "sv_ratio":
+        if param < 1:
+            raise ValueError(f"--dynamic_param {param}: sv_ratio keeps values within a factor of the largest, so >= 1")
+        keep = int((s >= s[0] / param).sum())
+    else:
+        if not 0 < param <= 1:
+            raise ValueError(f"--dynamic_param {param}: {method} takes a share in (0, 1]")
+        values, target = (s, param) if method == "sv_cumulative" else (s.square(), param**2)
+        cumulative = values.cumsum(0) / values.sum()
+        # rounding can leave the last cumulative share a hair below 1
+        keep = int((cumulative < target - 1e-7).sum()) + 1
+    return max(1, min(max_rank, keep))
+
+
+def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param: float | None = None,
+              alpha: float | None = None, clamp_quantile: float | None = None) -> LowRank:
+    """Factor a weight change (out x in, or out x in x k x k) into LoRA down/up by truncated SVD.
+
+    `alpha` defaults to the chosen rank (scale 1); the factors are divided by alpha / rank so that
+    up @ down * alpha / rank is the truncated dW. The singular values are split evenly (sqrt each side)
+    so neither factor dwarfs the other, which keeps later training on them well conditioned.
+    `clamp_quantile` (extraction) clips the factors' entries at that quantile of their magnitudes,
+    taming outliers from tiny differences between checkpoints.
+    """
+    matrix = delta.reshape(delta.shape[0], -1).float()
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    rank = choose_rank(s, max_rank, method, param)
+    alpha = float(rank) if alpha is None else float(alpha)
+    root = s[:rank].sqrt()
+    scale = alpha / rank
+    up = u[:, :rank] * root / scale**0.5
+    down = root[:, None] * vh[:rank] / scale**0.5
+    if clamp_quantile is not None and clamp_quantile < 1:
+        both = torch.cat([up.flatten(), down.flatten()]).abs()
+        limit = float(torch.quantile(both[: 1 << 24], clamp_quantile))  # torch.quantile caps its input size
+        up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
+    kernel = tuple(delta.shape[2:])
+    if kernel:
+        down = down.reshape(rank, *delta.shape[1:])
+        up = up.reshape(delta.shape[0], rank, *([1] * len(kernel)))
+    return LowRank(down=down.contiguous(), up=up.contiguous(), alpha=alpha, singular_values=s)
