@@ -68,11 +68,13 @@ def choose_rank(singular_values: Tensor, max_rank: int, method: str | None = Non
 
 
 def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param: float | None = None,
-              alpha: float | None = None, clamp_quantile: float | None = None) -> LowRank:
+              alpha: float | None = None, scale: float | None = None,
+              clamp_quantile: float | None = None) -> LowRank:
     """Factor a weight change (out x in, or out x in x k x k) into LoRA down/up by truncated SVD.
 
-    `alpha` defaults to the chosen rank (scale 1); the factors are divided by alpha / rank so that
-    up @ down * alpha / rank is the truncated dW. The singular values are split evenly (sqrt each side)
+    The factors are divided by alpha / rank so that up @ down * alpha / rank is the truncated dW. Give
+    `alpha` for a fixed alpha, or `scale` for alpha = scale * rank (keeps a LoRA's alpha/rank ratio when
+    the rank is chosen from the data); neither means alpha = rank. The singular values are split evenly (sqrt each side)
     so neither factor dwarfs the other, which keeps later training on them well conditioned.
     `clamp_quantile` (extraction) clips the factors' entries at that quantile of their magnitudes,
     taming outliers from tiny differences between checkpoints.
@@ -80,7 +82,9 @@ def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param:
     matrix = delta.reshape(delta.shape[0], -1).float()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     rank = choose_rank(s, max_rank, method, param)
-    alpha = float(rank) if alpha is None else float(alpha)
+    if alpha is not None and scale is not None:
+        raise ValueError("give alpha or scale, not both")
+    alpha = float(alpha) if alpha is not None else float(rank) * (1.0 if scale is None else scale)
     root = s[:rank].sqrt()
     scale = alpha / rank
     up = u[:, :rank] * root / scale**0.5
