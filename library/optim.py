@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
+import importlib.metadata
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -79,7 +80,8 @@ class _OptimizerSpec:
     module: str
     class_name: str
     package: str  # pip name, for the "not installed" message
-    needs_cuda: bool = False
+    # Releases before this one run only on CUDA; None: any release runs on the CPU too.
+    cpu_since: tuple[int, int] | None = None
     fixed_kwargs: dict[str, Any] = field(default_factory=dict)  # always passed, not user-settable, not described
     default_kwargs: dict[str, Any] = field(default_factory=dict)  # used when --optimizer_args leaves them out
     prepare: _Prepare | None = None
@@ -126,7 +128,8 @@ def _param_groups(params: Any) -> list:
 
 
 def _bnb(class_name: str, **extra: Any) -> _OptimizerSpec:
-    return _OptimizerSpec("bitsandbytes.optim", class_name, "bitsandbytes", needs_cuda=True, **extra)
+    # bitsandbytes 0.50 added CPU kernels for its 8-bit and paged optimizers (paged falls back to plain on CPU).
+    return _OptimizerSpec("bitsandbytes.optim", class_name, "bitsandbytes", cpu_since=(0, 50), **extra)
 
 
 def _dadapt(module: str, class_name: str) -> _OptimizerSpec:
@@ -202,14 +205,17 @@ def build_optimizer(config: OptimizerConfig, params: Iterable[Any]) -> tuple[str
 
 
 def _class_from_spec(name: str, spec: _OptimizerSpec) -> type:
-    if spec.needs_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--optimizer_type {name} runs only on a CUDA GPU (bitsandbytes) and none is available; "
-                         "use --optimizer_type AdamW on this machine")
     try:
         module = importlib.import_module(spec.module)
     except ImportError as error:
         raise ValueError(f"--optimizer_type {name} needs the {spec.package!r} package, which is not installed: "
                          f"pip install {spec.package} (or choose another --optimizer_type)") from error
+    if spec.cpu_since and not torch.cuda.is_available():
+        version = importlib.metadata.version(spec.package)
+        if _release(version) < spec.cpu_since:
+            since = ".".join(map(str, spec.cpu_since))
+            raise ValueError(f"--optimizer_type {name}: {spec.package} {version} runs only on a CUDA GPU and none is "
+                             f"available; pip install -U '{spec.package}>={since}' runs it on the CPU too")
     if not hasattr(module, spec.class_name):
         raise ValueError(f"--optimizer_type {name}: the installed {spec.package} has no {spec.class_name}; "
                          f"upgrade it with pip install -U {spec.package}")
@@ -254,3 +260,9 @@ def set_train_mode(optimizer: Any, training: bool) -> None:
     switch = getattr(optimizer, "train" if training else "eval", None)
     if callable(switch):
         switch()
+
+
+def _release(version: str) -> tuple[int, int]:
+    """(major, minor) of a version string such as "0.50.2" or "0.49.0.dev0"."""
+    major, minor = (version.split(".") + ["0"])[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)

@@ -8,6 +8,7 @@ of their update rule.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import math
 import sys
 import types
@@ -156,10 +157,29 @@ def test_torch_optim_names_and_module_paths(name):
 
 # ----------------------------------------------------------------------------- names that need other packages
 @pytest.mark.parametrize("name", BNB_NAMES)
-def test_bitsandbytes_names_without_cuda_say_why(name, monkeypatch):
+def test_old_bitsandbytes_without_cuda_says_why(name, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ValueError, match=f"--optimizer_type {name} runs only on a CUDA GPU.*use --optimizer_type AdamW"):
+    _fake_module(monkeypatch, "bitsandbytes")
+    _fake_module(monkeypatch, "bitsandbytes.optim")
+    monkeypatch.setattr(importlib.metadata, "version", lambda package: "0.49.2")
+    with pytest.raises(ValueError, match=rf"--optimizer_type {name}: bitsandbytes 0.49.2 runs only on a CUDA GPU.*>=0.50"):
         build_optimizer(_config(name), _params())
+
+
+def test_adamw8bit_trains_on_the_cpu():
+    """bitsandbytes >= 0.50 (a requirement) runs its 8-bit optimizers on the CPU: the sd-scripts guides'
+    AdamW8bit command lines work unchanged on a machine without a GPU."""
+    pytest.importorskip("bitsandbytes", minversion="0.50")
+    params = [torch.nn.Parameter(torch.linspace(-1, 1, 4096).reshape(64, 64))]
+    description, optimizer = build_optimizer(_config("AdamW8bit", lr=0.01), params)
+    before = params[0].detach().clone()
+    for _ in range(3):
+        optimizer.zero_grad()
+        params[0].square().sum().backward()
+        optimizer.step()
+    assert description == "bitsandbytes.optim.adamw.AdamW8bit"
+    assert optimizer.state[params[0]]["state1"].dtype == torch.uint8  # 8-bit moments, not a silent fp32 fallback
+    assert params[0].abs().sum() < before.abs().sum()  # moved towards the minimum of sum(p²)
 
 
 def test_bitsandbytes_missing_names_the_package(monkeypatch):
