@@ -46,25 +46,32 @@ def choose_rank(singular_values: Tensor, max_rank: int, method: str | None = Non
     """
     if method is None:
         return max(1, min(max_rank, singular_values.numel()))
-    if method not in DYNAMIC_METHODS:
-        raise ValueError(f"--dynamic_method {method!r}: expected one of {', '.join(DYNAMIC_METHODS)}")
-    if param is None:
-        raise ValueError(f"--dynamic_method {method} needs --dynamic_param")
+    check_dynamic_method(method, param)
     s = singular_values.float()
     if float(s.sum()) == 0.0:
         return 1
     if method == "sv_ratio":
-        if param < 1:
-            raise ValueError(f"--dynamic_param {param}: sv_ratio keeps values within a factor of the largest, so >= 1")
         keep = int((s >= s[0] / param).sum())
     else:
-        if not 0 < param <= 1:
-            raise ValueError(f"--dynamic_param {param}: {method} takes a share in (0, 1]")
         values, target = (s, param) if method == "sv_cumulative" else (s.square(), param**2)
         cumulative = values.cumsum(0) / values.sum()
         # rounding can leave the last cumulative share a hair below 1
         keep = int((cumulative < target - 1e-7).sum()) + 1
     return max(1, min(max_rank, keep))
+
+
+def check_dynamic_method(method: str | None, param: float | None) -> None:
+    """Raise a one-line error naming the flag when --dynamic_method / --dynamic_param cannot be used."""
+    if method is None:
+        return
+    if method not in DYNAMIC_METHODS:
+        raise ValueError(f"--dynamic_method {method!r}: expected one of {', '.join(DYNAMIC_METHODS)}")
+    if param is None:
+        raise ValueError(f"--dynamic_method {method} needs --dynamic_param")
+    if method == "sv_ratio" and not param >= 1:
+        raise ValueError(f"--dynamic_param {param}: sv_ratio keeps values within a factor of the largest, so >= 1")
+    if method != "sv_ratio" and not 0 < param <= 1:
+        raise ValueError(f"--dynamic_param {param}: {method} takes a share in (0, 1]")
 
 
 def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param: float | None = None,
@@ -81,6 +88,33 @@ def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param:
     """
     matrix = delta.reshape(delta.shape[0], -1).float()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return _truncate(u, s, vh, tuple(delta.shape), max_rank, method, param, alpha, scale, clamp_quantile)
+
+
+def factorize_lora(down: Tensor, up: Tensor, lora_scale: float, max_rank: int, *, method: str | None = None,
+                   param: float | None = None, alpha: float | None = None, scale: float | None = None,
+                   clamp_quantile: float | None = None) -> LowRank:
+    """factorize(lora_delta_weight(down, up, lora_scale), ...) without forming dW (resizing a LoRA).
+
+    dW = up @ down has rank <= r = down.shape[0], so with up = Qu Ru and down^T = Qd Rd (thin QR) its SVD
+    is Qu (Ru Rd^T) Qd^T with the small r x r core decomposed: O((out + in) r^2) instead of a full SVD
+    of an out x in matrix, which for a large conv layer is minutes on a CPU. `singular_values` holds
+    the core's (at most r) values; dW's others are zero, so `retained_fro` and the dynamic rules see the
+    same spectrum, and the rank never exceeds r.
+    """
+    rank = down.shape[0]
+    if up.shape[1] != rank:
+        raise ValueError(f"lora_up has {up.shape[1]} columns but lora_down has {rank} rows")
+    q_up, r_up = torch.linalg.qr(up.reshape(up.shape[0], rank).float())
+    q_down, r_down = torch.linalg.qr(down.reshape(rank, -1).float().T)
+    u_core, s, vh_core = torch.linalg.svd((r_up @ r_down.T) * lora_scale, full_matrices=False)
+    shape = (up.shape[0], *down.shape[1:])
+    return _truncate(q_up @ u_core, s, vh_core @ q_down.T, shape, max_rank, method, param, alpha, scale, clamp_quantile)
+
+
+def _truncate(u: Tensor, s: Tensor, vh: Tensor, shape: tuple[int, ...], max_rank: int, method: str | None,
+              param: float | None, alpha: float | None, scale: float | None, clamp_quantile: float | None) -> LowRank:
+    """LoRA factors of the leading singular triplets of dW = u diag(s) vh, shaped for a layer of `shape`."""
     rank = choose_rank(s, max_rank, method, param)
     if alpha is not None and scale is not None:
         raise ValueError("give alpha or scale, not both")
@@ -93,8 +127,8 @@ def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param:
         both = torch.cat([up.flatten(), down.flatten()]).abs()
         limit = float(torch.quantile(both[: 1 << 24], clamp_quantile))  # torch.quantile caps its input size
         up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
-    kernel = tuple(delta.shape[2:])
+    kernel = shape[2:]
     if kernel:
-        down = down.reshape(rank, *delta.shape[1:])
-        up = up.reshape(delta.shape[0], rank, *([1] * len(kernel)))
+        down = down.reshape(rank, *shape[1:])
+        up = up.reshape(shape[0], rank, *([1] * len(kernel)))
     return LowRank(down=down.contiguous(), up=up.contiguous(), alpha=alpha, singular_values=s)
