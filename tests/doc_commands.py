@@ -18,6 +18,7 @@ import json
 import logging
 import re
 import shlex
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -306,6 +307,8 @@ def _no_required_arguments(function) -> bool:
 def parser_builder(script: str):
     """The function of the script that returns its ArgumentParser (found by name, then by trying functions
     whose name mentions a parser); a module-level parser object is returned as a constant builder."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))  # the scripts import as modules from the repository root
     module = importlib.import_module(module_name(script))
     candidates = [getattr(module, name) for name in _BUILDER_NAMES if callable(getattr(module, name, None))]
     candidates += [value for name, value in vars(module).items()
@@ -567,7 +570,8 @@ def _validate_flag_file(text: str, scripts: tuple[str, ...], source: str) -> lis
 
 def check_structured_block(block: Block, scope: tuple[str, ...]) -> list[str]:
     """```toml blocks are dataset configs, sample-prompt files or --config_file flag files, and must pass the
-    checks that file gets at run time; ```json blocks must be JSON (and the same checks where they apply)."""
+    checks that file gets at run time; ```json blocks must be JSON (and the same checks where they apply);
+    ```python blocks must compile."""
     source = _where(block.doc, block.start)
     if block.lang == "toml":
         import toml
@@ -582,6 +586,12 @@ def check_structured_block(block: Block, scope: tuple[str, ...]) -> list[str]:
             return _validate_prompts(block.text, ".toml", source)
         scripts = tuple(s for s in scope if s in TRAINING_SCRIPTS) or TRAINING_SCRIPTS
         return _validate_flag_file(block.text, scripts, source)
+    if block.lang in ("python", "py"):
+        try:
+            compile(block.text, source, "exec")
+        except SyntaxError as error:
+            return [f"{_where(block.doc, block.start + (error.lineno or 1))}: not valid Python: {error.msg}"]
+        return []
     if block.lang == "json":
         try:
             data = json.loads(block.text)

@@ -112,6 +112,8 @@ def test_toml_blocks_are_checked_as_the_files_they_stand_for():
     assert "unknown key 'weighting_scheme'" in problem
     assert check_structured_block(block("weighting_scheme = 'sigma_sqrt'\n"), ("sd3_train_network.py",)) == []
     assert check_structured_block(block('{"a": 1,}', "json"), ())[0].startswith("d.md:10: not valid JSON")
+    assert check_structured_block(block("import torch\npipe.load_lora_weights('x'\n", "python"), ()) == [
+        "d.md:12: not valid Python: '(' was never closed"]
 
 
 def test_prompt_lines_and_error_examples_are_checked():
