@@ -1,0 +1,329 @@
+"""Where each LoRA module lands in a single-file checkpoint, for SD1, SD2, SDXL and SD3/3.5.
+
+A LoRA file names a layer as the trained model sees it (`networks/lora_targets.py`: diffusers paths for the
+SD1/2 U-Net, Hugging Face CLIP paths for OpenCLIP towers whose q/k/v the checkpoint stores as one fused
+`in_proj_weight`), while a checkpoint stores weights under its own keys. Parsing a LoRA name back is
+ambiguous (module names contain underscores), so the map is built forward, with the loaders' own code:
+
+1. every checkpoint tensor is replaced by a stand-in of the same shape that costs no memory and whose rows
+   hold (tensor number, row number);
+2. each part (denoiser, text encoders) goes through the converter its loader uses (OpenCLIP -> HF splits the
+   fused rows, canonical HF naming adds `text_model.`), which carries the stand-ins along;
+3. models are built on the meta device from the converted shapes, and the LoRA target walk names their layers;
+4. the stand-in that arrives under a layer's weight key tells which checkpoint tensor, and which rows of it,
+   that layer is.
+
+So a name here is exactly the name training writes, and a key exactly what the loader reads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from transformers import CLIPTextModel, T5EncoderModel
+
+from library.metadata import IMPLEMENTATION_DIFFUSERS, IMPLEMENTATION_STABILITY_AI
+from library.models.checkpoint import CheckpointError, detect_family, strip_prefix
+from library.models.loading_common import errors_naming
+from library.models.mmdit import MMDiT, infer_mmdit_config
+from library.models.sd3_loading import sd3_variant, t5_config_from_state_dict
+from library.models.sd_unet import SdUNet, SdxlUNet, infer_unet_config
+from library.models.sdxl_loading import bigg_to_hf_text_state_dict
+from library.models.text_encoders import (
+    TEXT_MODEL_PREFIX,
+    canonical_hf_text_state_dict,
+    clip_config_from_hf_state_dict,
+    openclip_to_hf_text_state_dict,
+)
+from networks.lora import create_network
+from networks.lora_targets import TargetLayer, find_target_layers, resolve_targets
+
+FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5"}
+
+_ROW_BITS = 32  # a stand-in value is (tensor number << 32) + row number
+_ROW_MASK = (1 << _ROW_BITS) - 1
+
+
+# ----------------------------------------------------------------------------- per-family parts
+@dataclass(frozen=True)
+class _Part:
+    """One model inside a checkpoint: where its tensors are, how its loader converts them, how to build it."""
+
+    label: str  # for messages: "U-Net", "CLIP-L text encoder", ...
+    prefix: str  # checkpoint key prefix
+    to_layout: Callable[[dict[str, Tensor]], dict[str, Tensor]]  # checkpoint naming -> the model's state-dict naming
+    build: Callable[[dict[str, Tensor]], nn.Module]  # a meta-device model shaped like these tensors
+    layout_path: Callable[[str], str] = lambda path: path  # module path in the model -> its path in that naming
+
+
+def _meta(model_class: type[nn.Module], config: object) -> nn.Module:
+    with torch.device("meta"):
+        return model_class(config)
+
+
+def _sd_unet(state_dict: dict[str, Tensor]) -> nn.Module:
+    return _meta(SdUNet, infer_unet_config(state_dict))
+
+
+def _sdxl_unet(state_dict: dict[str, Tensor]) -> nn.Module:
+    return _meta(SdxlUNet, infer_unet_config(state_dict))
+
+
+def _mmdit(state_dict: dict[str, Tensor]) -> nn.Module:
+    return _meta(MMDiT, infer_mmdit_config(state_dict))
+
+
+def _clip(state_dict: dict[str, Tensor]) -> nn.Module:
+    # With or without a projection the attention and MLP layers, the only LoRA targets, are the same.
+    return _meta(CLIPTextModel, clip_config_from_hf_state_dict(state_dict))
+
+
+def _t5(state_dict: dict[str, Tensor]) -> nn.Module:
+    return _meta(T5EncoderModel, t5_config_from_state_dict(state_dict))
+
+
+def _clip_layout_path(path: str) -> str:
+    # transformers 5's CLIPTextModel has no `text_model.` level; the canonical naming keeps it.
+    return path if path.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + path
+
+
+def _same(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return state_dict
+
+
+def _sd2_text(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    return openclip_to_hf_text_state_dict(state_dict, drop_last_layers=1)  # SD2 uses the penultimate layer
+
+
+def _sd3_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    # As the SD3 loader: CLIP-G may come in OpenCLIP naming, as SDXL stores it.
+    if "positional_embedding" in state_dict:
+        state_dict = openclip_to_hf_text_state_dict(state_dict)
+    return canonical_hf_text_state_dict(state_dict)
+
+
+def _clip_part(label: str, prefix: str, to_layout: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> _Part:
+    return _Part(label, prefix, to_layout, _clip, _clip_layout_path)
+
+
+_UNET_PREFIX = "model.diffusion_model."
+# Per family: the denoiser, then the text encoders in the order the trainer passes them (which numbers lora_teN).
+_FAMILY_PARTS: dict[str, tuple[_Part, tuple[_Part, ...]]] = {
+    "sd1": (_Part("U-Net", _UNET_PREFIX, _same, _sd_unet),
+            (_clip_part("text encoder", "cond_stage_model.transformer.", canonical_hf_text_state_dict),)),
+    "sd2": (_Part("U-Net", _UNET_PREFIX, _same, _sd_unet),
+            (_clip_part("text encoder", "cond_stage_model.model.", _sd2_text),)),
+    "sdxl": (_Part("U-Net", _UNET_PREFIX, _same, _sdxl_unet),
+             (_clip_part("CLIP-L text encoder", "conditioner.embedders.0.transformer.", canonical_hf_text_state_dict),
+              _clip_part("bigG text encoder", "conditioner.embedders.1.model.", bigg_to_hf_text_state_dict))),
+    "sd3": (_Part("MMDiT", _UNET_PREFIX, _same, _mmdit),
+            (_clip_part("CLIP-L text encoder", "text_encoders.clip_l.transformer.", _sd3_clip),
+             _clip_part("CLIP-G text encoder", "text_encoders.clip_g.transformer.", _sd3_clip),
+             _Part("T5-XXL text encoder", "text_encoders.t5xxl.transformer.", _same, _t5))),
+}
+
+
+# ----------------------------------------------------------------------------- what a map holds
+@dataclass(frozen=True)
+class WeightSlot:
+    """A LoRA module's base weight in the checkpoint: `key`, and for a fused tensor the rows [start, stop)."""
+
+    lora_name: str
+    key: str
+    rows: tuple[int, int] | None
+    shape: tuple[int, ...]  # the layer's weight shape (the rows' shape for a fused tensor)
+    model_label: str  # "U-Net", "bigG text encoder", ...
+    is_conv_kxk: bool
+
+    def view(self, tensor: Tensor) -> Tensor:
+        """This layer's weight inside the checkpoint tensor (a view: writing to it writes the tensor)."""
+        return tensor if self.rows is None else tensor[self.rows[0]:self.rows[1]]
+
+
+@dataclass
+class LoRACheckpointMap:
+    """Every LoRA module name a file may hold for one checkpoint, and where its weight is.
+
+    `slots` covers every layer a LoRA of ours can target: the default targets, 3x3 convs (conv_dim), opt-in
+    layers (SD3's emb_dims) and T5 (train_t5xxl). `default_ranks` says which of them a training run with
+    given ranks adapts.
+    """
+
+    source: str
+    family: str
+    variant: str | None  # SD3: "sd3-medium", "sd3.5-medium" or "sd3.5-large"
+    slots: dict[str, WeightSlot]
+    models_present: tuple[str, ...]  # labels of the parts found in the file
+    _text_encoders: list[nn.Module | None] = field(repr=False, default_factory=list)
+    _denoiser: nn.Module | None = field(repr=False, default=None)
+
+    @property
+    def family_label(self) -> str:
+        return FAMILY_LABELS[self.family] + (f" ({self.variant})" if self.variant else "")
+
+    def default_ranks(self, dim: int, conv_dim: int | None = None) -> dict[str, int]:
+        """LoRA name -> rank for the modules `--network_dim dim [--network_args conv_dim=...]` trains, as
+        networks.lora's create_network picks them (T5 and SD3's embedders stay off, as by default)."""
+        network_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
+        with torch.device("meta"):
+            network = create_network(1.0, dim, dim, None, self._text_encoders, self._denoiser, **network_args)
+        modules = network.text_encoder_loras + network.unet_loras
+        return {lora.lora_name: lora.lora_dim for lora in modules if lora.lora_name in self.slots}
+
+    def unmatched(self, names: Iterable[str]) -> list[str]:
+        """The names among `names` that address no layer of this checkpoint, sorted."""
+        return sorted(set(names) - self.slots.keys())
+
+
+def map_checkpoint(shapes: Mapping[str, Sequence[int]], source: str) -> LoRACheckpointMap:
+    """The LoRA map of a single-file checkpoint, from its tensor names and shapes alone (`source` names the
+    file in errors). Parts missing from the file (SD3.5 files ship without text encoders) have no slots."""
+    family = detect_family(shapes, source=source)
+    denoiser_part, encoder_parts = _FAMILY_PARTS[family]
+    keys = list(shapes)
+    stand_ins = {key: _stand_in(index, tuple(shapes[key])) for index, key in enumerate(keys)}
+    variant = None
+    built: list[tuple[_Part, nn.Module, dict[str, Tensor]] | None] = []
+    for part in (denoiser_part, *encoder_parts):
+        tensors = strip_prefix(stand_ins, part.prefix)
+        if not tensors:
+            built.append(None)
+            continue
+        with errors_naming(f"{source} ({part.label})"):
+            layout = part.to_layout(tensors)
+            model = part.build(layout)
+        if isinstance(model, MMDiT):
+            variant = sd3_variant(model.config)
+        built.append((part, model, layout))
+    if built[0] is None:
+        raise CheckpointError(f"{source}: no {denoiser_part.label} weights ({denoiser_part.prefix}*)")
+    denoiser = built[0][1]
+    text_encoders = [entry[1] if entry else None for entry in built[1:]]
+    slots = {}
+    for entry, layers in zip(built, _target_layers(text_encoders, denoiser)):
+        if entry is not None:
+            part, model, layout = entry
+            paths = {id(module): path for path, module in model.named_modules()}
+            for layer in layers:
+                slots[layer.lora_name] = _slot(layer, part, paths[id(layer.module)], layout, keys, shapes, source)
+    present = tuple(entry[0].label for entry in built if entry is not None)
+    return LoRACheckpointMap(source, family, variant, slots, present, text_encoders, denoiser)
+
+
+def _target_layers(text_encoders: list[nn.Module | None], denoiser: nn.Module) -> list[list[TargetLayer]]:
+    """[denoiser layers, then each text encoder's], with every optional layer included."""
+    targets = resolve_targets(text_encoders, denoiser)
+    layers = [find_target_layers(denoiser, targets.denoiser, targets.denoiser.prefix, with_conv=True)]
+    for number, (encoder, layout) in enumerate(zip(text_encoders, targets.text_encoders), start=1):
+        # LoRANetwork's numbering: lora_te alone, lora_te1, lora_te2, ... when a model has several encoders
+        prefix = layout.prefix + ("" if len(text_encoders) == 1 else str(number)) if layout else ""
+        layers.append([] if encoder is None else find_target_layers(encoder, layout, prefix, with_conv=True))
+    return layers
+
+
+def _slot(layer: TargetLayer, part: _Part, path: str, layout: Mapping[str, Tensor], keys: list[str],
+          shapes: Mapping[str, Sequence[int]], source: str) -> WeightSlot:
+    layout_key = part.layout_path(path) + ".weight"
+    traced = _trace(layout[layout_key]) if layout_key in layout else None
+    if traced is None:
+        raise CheckpointError(f"{source}: cannot place LoRA module {layer.lora_name} ({part.label} {layout_key}) "
+                              "in a checkpoint tensor")
+    index, rows = traced
+    key = keys[index]
+    whole = rows == (0, shapes[key][0])
+    return WeightSlot(layer.lora_name, key, None if whole else rows, tuple(layout[layout_key].shape), part.label,
+                      layer.is_conv_kxk)
+
+
+def _stand_in(index: int, shape: tuple[int, ...]) -> Tensor:
+    """A tensor of `shape` whose row r holds (index << 32) + r everywhere; an expanded view, so no memory."""
+    if not shape:
+        return torch.tensor(index << _ROW_BITS)
+    rows = torch.arange(shape[0], dtype=torch.int64) + (index << _ROW_BITS)
+    return rows.view(-1, *([1] * (len(shape) - 1))).expand(*shape)
+
+
+def _trace(stand_in: Tensor) -> tuple[int, tuple[int, int]] | None:
+    """(tensor number, (first row, end row)) a converted stand-in came from; None unless it is whole rows of
+    one tensor in order (a transposed or reassembled tensor cannot take a LoRA delta as rows)."""
+    if stand_in.ndim == 0:
+        return None
+    first = stand_in[(slice(None),) + (0,) * (stand_in.ndim - 1)]
+    last = stand_in[(slice(None),) + (-1,) * (stand_in.ndim - 1)]
+    index = first >> _ROW_BITS
+    rows = first & _ROW_MASK
+    start = int(rows[0])
+    expected = torch.arange(start, start + len(rows))
+    if not torch.equal(first, last) or not bool((index == index[0]).all()) or not torch.equal(rows, expected):
+        return None
+    return int(index[0]), (start, start + len(rows))
+
+
+# ----------------------------------------------------------------------------- guessing a LoRA's family
+_NAME_FAMILIES = (
+    (("lora_unet_joint_blocks_", "lora_te3_"), "SD3/SD3.5"),
+    (("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"), "SDXL"),
+    (("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_", "lora_te_"), "SD1.x/SD2.x"),
+    (("lora_te1_", "lora_te2_"), "SDXL or SD3"),
+)
+
+
+def guess_lora_family(names: Iterable[str]) -> str | None:
+    """The family a LoRA's module names suggest ("SDXL", "SD1.x/SD2.x", ...), or None for foreign names."""
+    names = list(names)
+    for prefixes, family in _NAME_FAMILIES:
+        if any(name.startswith(prefixes) for name in names):
+            return family
+    return None
+
+
+# ----------------------------------------------------------------------------- base-model metadata
+@dataclass(frozen=True)
+class BaseModelFacts:
+    """What LoRA and checkpoint metadata say about a base model (sd-scripts' spellings)."""
+
+    base_model_version: str  # ss_base_model_version
+    architecture: str  # modelspec.architecture of the model; LoRA files append "/lora"
+    implementation: str
+    resolution: int
+    prediction_type: str | None
+    v2: bool  # ss_v2
+
+_SD3_ARCHITECTURES = {"sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3.5-medium",
+                      "sd3.5-large": "stable-diffusion-3.5-large"}
+_SD3_IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"
+
+
+def base_model_facts(family: str, variant: str | None = None, v_parameterization: bool = False) -> BaseModelFacts:
+    """Metadata facts for a family (SD3: its variant). Whether an SD1/2/SDXL model predicts v is not in its
+    weights; the caller says (sd-scripts: `--v_parameterization`, defaulting to on for SD2)."""
+    prediction = "v" if v_parameterization else "epsilon"
+    if family in ("sd1", "sd2"):
+        # sd-scripts' version string: sd_v1 / sd_v2, "_v" appended for v-prediction
+        version = ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
+        if family == "sd1":
+            architecture, resolution = "stable-diffusion-v1", 512
+        elif v_parameterization:
+            architecture, resolution = "stable-diffusion-v2-768-v", 768
+        else:
+            architecture, resolution = "stable-diffusion-v2-512", 512
+        return BaseModelFacts(version, architecture, IMPLEMENTATION_DIFFUSERS, resolution, prediction, family == "sd2")
+    if family == "sdxl":
+        return BaseModelFacts("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", IMPLEMENTATION_STABILITY_AI, 1024,
+                              prediction, False)
+    if family == "sd3":
+        if variant not in _SD3_ARCHITECTURES:
+            raise ValueError(f"unknown SD3 variant {variant!r}; expected one of {', '.join(_SD3_ARCHITECTURES)}")
+        return BaseModelFacts(variant.replace("-", "_"), _SD3_ARCHITECTURES[variant], _SD3_IMPLEMENTATION, 1024, None,
+                              False)
+    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILY_LABELS)}")
+
+
+def facts_for_base_version(base_model_version: str) -> BaseModelFacts | None:
+    """The facts whose ss_base_model_version is this one (a LoRA file's own statement), or None if unknown."""
+    candidates = [base_model_facts(family, v_parameterization=v) for family in ("sd1", "sd2", "sdxl") for v in (False, True)]
+    candidates += [base_model_facts("sd3", variant) for variant in _SD3_ARCHITECTURES]
+    return next((facts for facts in candidates if facts.base_model_version == base_model_version), None)

@@ -1,0 +1,510 @@
+"""Merge LoRAs into a checkpoint, or several LoRAs into one (sd-scripts' networks/merge_lora.py flags).
+
+Into a checkpoint (`--sd_model`): every family (SD1, SD2, SDXL, SD3/3.5) is recognised from the file's keys.
+Each module's change ratio * up @ down * alpha / rank is added, in float32 by default, to the checkpoint tensor
+the module's layer loads from: for the OpenCLIP text encoders of SD2 and SDXL (bigG) a q/k/v module goes into
+its rows of the fused `in_proj_weight`. The output has the input's layout and keys; tensors no LoRA touches are
+written bit for bit, touched ones in their own dtype (or `--save_precision`). No model is built, so memory is the
+checkpoint plus one tensor.
+
+    python networks/merge_lora.py --sd_model model.safetensors --models a.safetensors b.safetensors
+        --ratios 0.8 0.5 --save_to merged.safetensors
+
+LoRA + LoRA (no `--sd_model`), two exact ways:
+* default, and `--concat`: the modules' ranks are stacked, so the merged module's change is exactly
+  sum(ratio_i * dW_i) at rank sum(rank_i). sd-scripts' default instead adds up and down weights of same-rank
+  modules separately, which is not that sum ((u1 + u2)(d1 + d2) != u1 d1 + u2 d2); it is not offered.
+* `--new_rank R [--new_conv_rank C]` (sd-scripts' svd_merge_lora.py): the summed change is factored by truncated
+  SVD to rank R (C for 3x3 convs; default R), alpha = rank. sd-scripts also clamps the factors at their 0.99
+  quantile; here the factors are the exact truncation, so a rank >= the stacked rank is lossless.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from library.console import exit_on_user_error
+from library.metadata import IMPLEMENTATION_DIFFUSERS, modelspec_metadata
+from library.models.checkpoint import load_state_dict
+from library.saving import (
+    PICKLE_SUFFIXES,
+    SAFETENSORS_SUFFIX,
+    save_lora_file,
+    save_tensors,
+)
+from networks.lora import lora_delta_weight
+from networks.lora_checkpoint_map import (
+    FAMILY_LABELS,
+    BaseModelFacts,
+    LoRACheckpointMap,
+    WeightSlot,
+    base_model_facts,
+    facts_for_base_version,
+    guess_lora_family,
+    map_checkpoint,
+)
+from networks.lora_modules import (
+    ALPHA_KEY,
+    DOWN_KEY,
+    UP_KEY,
+    LoRAModuleWeights,
+    read_tensor_file,
+    split_lora_modules,
+)
+from networks.lora_svd import factorize_lora
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+NETWORK_MODULE = "networks.lora"
+_SHOWN_NAMES = 3
+
+
+# ----------------------------------------------------------------------------- inputs
+@dataclass(frozen=True)
+class WeightedLoRA:
+    """One --models file with its --ratios value."""
+
+    path: Path
+    ratio: float
+    modules: dict[str, LoRAModuleWeights]
+    metadata: dict[str, str]
+
+    @property
+    def title(self) -> str:
+        """What modelspec.merged_from calls this file: its modelspec title, else its name (as sd-scripts)."""
+        return self.metadata.get("modelspec.title") or self.path.stem
+
+
+def read_loras(paths: Sequence[Path], ratios: Sequence[float]) -> list[WeightedLoRA]:
+    """Read every LoRA file; a file without LoRA modules or with a broken module is an error naming it."""
+    loras = []
+    for path, ratio in zip(paths, ratios, strict=True):
+        tensors, metadata = read_tensor_file(Path(path), "--models")
+        modules, others = split_lora_modules(tensors, f"--models {path}")
+        if others:
+            logger.warning("%s: %d tensors outside the LoRA modules are ignored (first: %s)", path, len(others),
+                           next(iter(others)))
+        loras.append(WeightedLoRA(Path(path), float(ratio), modules, dict(metadata or {})))
+    return loras
+
+
+def _header_metadata(path: Path) -> dict[str, str]:
+    if path.suffix.lower() != SAFETENSORS_SUFFIX:
+        return {}
+    with safe_open(str(path), framework="pt") as file:
+        return dict(file.metadata() or {})
+
+
+# ----------------------------------------------------------------------------- into a checkpoint
+@dataclass(frozen=True)
+class _Placement:
+    """One module of one LoRA, and the checkpoint rows it changes."""
+
+    slot: WeightSlot
+    module: LoRAModuleWeights
+    ratio: float
+
+
+def place_modules(lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA]) -> dict[str, list[_Placement]]:
+    """Checkpoint key -> the modules that change it. Raises before any arithmetic when a module names no layer
+    of this checkpoint or its change has another shape than the layer (a LoRA for another family)."""
+    placements: dict[str, list[_Placement]] = {}
+    for lora in loras:
+        unmatched = lora_map.unmatched(lora.modules)
+        if unmatched:
+            raise ValueError(_unmatched_message(lora, unmatched, lora_map))
+        for name, module in lora.modules.items():
+            slot = lora_map.slots[name]
+            delta_shape = (module.up.shape[0], *module.down.shape[1:])
+            if math.prod(delta_shape) != math.prod(slot.shape) or delta_shape[0] != slot.shape[0]:
+                raise ValueError(
+                    f"--models {lora.path}: module {name} changes a {_shape(delta_shape)} weight, but its layer "
+                    f"({slot.key}) in the {lora_map.family_label} checkpoint {lora_map.source} is {_shape(slot.shape)}; "
+                    "is the LoRA for another model family?")
+            placements.setdefault(slot.key, []).append(_Placement(slot, module, lora.ratio))
+    return placements
+
+
+def _unmatched_message(lora: WeightedLoRA, unmatched: list[str], lora_map: LoRACheckpointMap) -> str:
+    shown = ", ".join(unmatched[:_SHOWN_NAMES]) + (f" (+{len(unmatched) - _SHOWN_NAMES} more)"
+                                                   if len(unmatched) > _SHOWN_NAMES else "")
+    guess = guess_lora_family(unmatched)
+    hint = f"; the names look like a {guess} LoRA" if guess else ""
+    return (f"--models {lora.path}: {len(unmatched)} of {len(lora.modules)} LoRA modules match no layer of the "
+            f"{lora_map.family_label} checkpoint {lora_map.source} (which holds {', '.join(lora_map.models_present)}): "
+            f"{shown}{hint}")
+
+
+def _shape(shape: Iterable[int]) -> str:
+    return "x".join(str(size) for size in shape)
+
+
+@torch.no_grad()
+def add_deltas(tensor: Tensor, placements: Sequence[_Placement], compute_dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu", out_dtype: torch.dtype | None = None) -> Tensor:
+    """`tensor` plus every placed module's ratio * dW (in its rows), computed in `compute_dtype` on `device` and
+    returned on the CPU in `out_dtype` (default: the tensor's own dtype), rounded once."""
+    work = tensor.to(device=device, dtype=compute_dtype, copy=True)
+    for placement in placements:
+        module = placement.module
+        delta = lora_delta_weight(module.down.to(device, compute_dtype), module.up.to(device, compute_dtype),
+                                  module.scale)
+        target = placement.slot.view(work)
+        target += (delta * placement.ratio).reshape(target.shape)  # a Linear LoRA on a 1x1 conv: same numbers
+    return work.to("cpu", out_dtype or tensor.dtype)
+
+
+def merge_into_checkpoint(sd_model: Path, loras: Sequence[WeightedLoRA], save_to: Path, *,
+                          compute_dtype: torch.dtype = torch.float32, save_dtype: torch.dtype | None = None,
+                          device: str = "cpu", write_metadata: bool = True) -> LoRACheckpointMap:
+    """Write `save_to`: the checkpoint `sd_model` with every LoRA merged at its ratio (see the module doc)."""
+    sd_model = Path(sd_model)
+    state_dict = load_state_dict(sd_model)
+    lora_map = map_checkpoint({key: tuple(value.shape) for key, value in state_dict.items()}, str(sd_model))
+    logger.info("%s: %s checkpoint (%s)", sd_model, lora_map.family_label, ", ".join(lora_map.models_present))
+    placements = place_modules(lora_map, loras)
+    for key, placed in placements.items():
+        state_dict[key] = add_deltas(state_dict[key], placed, compute_dtype, device, save_dtype)
+    logger.info("merged %d LoRA modules into %d checkpoint tensors", sum(map(len, placements.values())), len(placements))
+    metadata = _checkpoint_metadata(sd_model, lora_map, loras, save_to) if write_metadata else None
+    logger.info("saving %s", save_to)
+    save_tensors(save_to, state_dict, metadata, dtype=save_dtype)
+    return lora_map
+
+
+def _checkpoint_metadata(sd_model: Path, lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA],
+                         save_to: Path) -> dict[str, str]:
+    """The input's header metadata with a fresh modelspec: the model's own spec values where it has them,
+    title = the output's name, merged_from = the checkpoint and the LoRAs."""
+    header = _header_metadata(sd_model)
+    prediction = header.get("modelspec.prediction_type")
+    if lora_map.family == "sd2" and prediction is None:
+        logger.warning("%s: whether this SD2 model predicts v cannot be told from its weights; its metadata says "
+                       "v-prediction (768-v), as sd-scripts assumes", sd_model)
+    facts = base_model_facts(lora_map.family, lora_map.variant,
+                             v_parameterization=prediction == "v" or (lora_map.family == "sd2" and prediction is None))
+    titles = [header.get("modelspec.title") or sd_model.stem] + [lora.title for lora in loras]
+    return {**header, **_modelspec(facts, "", save_to, titles, header)}
+
+
+_SPEC_FIELDS = ("architecture", "implementation", "resolution", "prediction_type")
+
+
+def _modelspec(facts: BaseModelFacts | None, architecture_suffix: str, save_to: Path, merged_from: Sequence[str],
+               spec: dict[str, str]) -> dict[str, str]:
+    """modelspec.* with an existing spec's values where it has them, else the family's facts; {} when neither
+    says what the model is."""
+    values: dict[str, object] = {}
+    if facts is not None:
+        values = {"architecture": facts.architecture + architecture_suffix, "implementation": facts.implementation,
+                  "resolution": facts.resolution, "prediction_type": facts.prediction_type}
+    values.update({name: spec[f"modelspec.{name}"] for name in _SPEC_FIELDS if f"modelspec.{name}" in spec})
+    if "architecture" not in values:
+        return {}
+    return modelspec_metadata(
+        architecture=values["architecture"], implementation=values.get("implementation", IMPLEMENTATION_DIFFUSERS),
+        title=Path(save_to).stem, resolution=values.get("resolution", 512),
+        prediction_type=values.get("prediction_type"), timestamp=time.time(), merged_from=", ".join(merged_from))
+
+
+# ----------------------------------------------------------------------------- LoRA + LoRA
+@dataclass(frozen=True)
+class MergedModule:
+    """One module of a merged LoRA: dW = up @ down * alpha / rank."""
+
+    name: str
+    down: Tensor
+    up: Tensor
+    alpha: float
+    is_spatial_conv: bool
+    retained_fro: float = 1.0  # share of the summed change's Frobenius norm kept (below 1 only with --new_rank)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+
+def stack_modules(name: str, contributions: Sequence[tuple[LoRAModuleWeights, float, Path]],
+                  compute_dtype: torch.dtype = torch.float32, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """(down, up) of rank sum(rank_i) with up @ down = sum(ratio_i * dW_i) exactly: each module's ratio * alpha / rank
+    is split as its square root over its down and up rows, so neither factor dwarfs the other."""
+    reference = contributions[0][0]
+    downs, ups = [], []
+    for module, ratio, path in contributions:
+        down = module.down.to(device, compute_dtype)
+        if down.shape[1:] != reference.down.shape[1:] or module.up.shape[0] != reference.up.shape[0]:
+            if down[0].numel() != reference.down[0].numel() or module.up.shape[0] != reference.up.shape[0]:
+                raise ValueError(f"--models {path}: module {name} has lora_down {_shape(module.down.shape)} and lora_up "
+                                 f"{_shape(module.up.shape)}, which do not fit the same module of {contributions[0][2]} "
+                                 f"({_shape(reference.down.shape)}, {_shape(reference.up.shape)}); LoRAs for different "
+                                 "models cannot be merged")
+            down = down.reshape(down.shape[0], *reference.down.shape[1:])  # a Linear LoRA for a 1x1 conv layer
+        factor = ratio * module.scale
+        root = math.sqrt(abs(factor))
+        up = module.up.to(device, compute_dtype).reshape(module.up.shape[0], module.rank, *reference.up.shape[2:])
+        downs.append(down * root)
+        ups.append(up * (math.copysign(root, factor)))
+    return torch.cat(downs, dim=0), torch.cat(ups, dim=1)
+
+
+@torch.no_grad()
+def merge_lora_modules(loras: Sequence[WeightedLoRA], *, new_rank: int | None = None, new_conv_rank: int | None = None,
+                       shuffle: bool = False, compute_dtype: torch.dtype = torch.float32,
+                       device: str = "cpu") -> list[MergedModule]:
+    """One module per name found in any input (in first-seen order), stacked or, with `new_rank`, re-factored."""
+    by_name: dict[str, list[tuple[LoRAModuleWeights, float, Path]]] = {}
+    for lora in loras:
+        for name, module in lora.modules.items():
+            by_name.setdefault(name, [])
+            if lora.ratio != 0:
+                by_name[name].append((module, lora.ratio, lora.path))
+    merged = []
+    for name, contributions in by_name.items():
+        if not contributions:
+            logger.info("%s: every LoRA holding it has ratio 0; left out", name)
+            continue
+        down, up = stack_modules(name, contributions, compute_dtype, device)
+        spatial = contributions[0][0].is_spatial_conv
+        if new_rank is not None:
+            rank = (new_conv_rank or new_rank) if spatial else new_rank
+            low = factorize_lora(down, up, 1.0, min(rank, down.shape[0]))
+            merged.append(MergedModule(name, low.down.cpu(), low.up.cpu(), low.alpha, spatial, low.retained_fro))
+            continue
+        if shuffle:  # a permutation of the ranks; the change is the same
+            order = torch.randperm(down.shape[0], device=down.device)
+            down, up = down[order], up[:, order]
+        merged.append(MergedModule(name, down.cpu(), up.cpu(), float(down.shape[0]), spatial))
+    return merged
+
+
+def merged_tensors(modules: Iterable[MergedModule]) -> dict[str, Tensor]:
+    tensors = {}
+    for module in modules:
+        tensors[f"{module.name}.{DOWN_KEY}"] = module.down.contiguous()
+        tensors[f"{module.name}.{UP_KEY}"] = module.up.contiguous()
+        tensors[f"{module.name}.{ALPHA_KEY}"] = torch.tensor(module.alpha)
+    return tensors
+
+
+def network_rank_metadata(modules: Iterable[tuple[int, float, bool]]) -> dict[str, str]:
+    """ss_network_module / _dim / _alpha / _args for modules given as (rank, alpha, is 3x3 conv), as sd-scripts
+    writes them: dim and alpha describe the Linear and 1x1 modules, ss_network_args' conv_dim / conv_alpha the 3x3
+    ones; a value that differs between modules is "Dynamic"."""
+    modules = list(modules)
+    linear = [(rank, alpha) for rank, alpha, spatial in modules if not spatial]
+    conv = [(rank, alpha) for rank, alpha, spatial in modules if spatial]
+    network_args = {}
+    if conv:
+        network_args = {"conv_dim": _common([str(rank) for rank, _ in conv]),
+                        "conv_alpha": _common([str(float(alpha)) for _, alpha in conv])}
+    return {
+        "ss_network_module": NETWORK_MODULE,
+        "ss_network_dim": _common([str(rank) for rank, _ in linear]) if linear else "None",
+        "ss_network_alpha": _common([str(float(alpha)) for _, alpha in linear]) if linear else "None",
+        "ss_network_args": json.dumps(network_args),
+    }
+
+
+def _common(values: list[str]) -> str:
+    return values[0] if len(set(values)) == 1 else "Dynamic"
+
+
+def merge_lora_files(loras: Sequence[WeightedLoRA], save_to: Path, *, new_rank: int | None = None,
+                     new_conv_rank: int | None = None, shuffle: bool = False,
+                     compute_dtype: torch.dtype = torch.float32, save_dtype: torch.dtype | None = None,
+                     device: str = "cpu", write_metadata: bool = True) -> list[MergedModule]:
+    """Write `save_to`: the LoRAs merged into one (see the module doc). `save_dtype` defaults to the dtype the
+    first input stores its weights in."""
+    modules = merge_lora_modules(loras, new_rank=new_rank, new_conv_rank=new_conv_rank, shuffle=shuffle,
+                                 compute_dtype=compute_dtype, device=device)
+    if not modules:
+        raise ValueError("--ratios: every ratio is 0, so the merged LoRA would be empty")
+    _report(modules, new_rank is not None)
+    metadata = _lora_metadata(loras, modules, save_to, write_metadata)
+    dtype = save_dtype or next(iter(loras[0].modules.values())).up.dtype
+    logger.info("saving %s (%s)", save_to, str(dtype).removeprefix("torch."))
+    save_lora_file(save_to, merged_tensors(modules), metadata, dtype=dtype)
+    return modules
+
+
+def _report(modules: Sequence[MergedModule], factored: bool) -> None:
+    ranks = sorted({module.rank for module in modules})
+    span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+    if not factored:
+        logger.info("merged %d modules by stacking their ranks (rank %s); the merge is exact", len(modules), span)
+        return
+    least = min(modules, key=lambda module: module.retained_fro)
+    mean = sum(module.retained_fro for module in modules) / len(modules)
+    logger.info("merged %d modules at rank %s; Frobenius norm of the summed change kept: mean %.2f%%, min %.2f%% (%s)",
+                len(modules), span, 100 * mean, 100 * least.retained_fro, least.name)
+
+
+def _lora_metadata(loras: Sequence[WeightedLoRA], modules: Sequence[MergedModule], save_to: Path,
+                   write_modelspec: bool) -> dict[str, str]:
+    """sd-scripts' minimum LoRA metadata (kept with --no_metadata) and, unless --no_metadata, a modelspec whose
+    merged_from lists the inputs; the base model is the first input's that names one."""
+    metadata = network_rank_metadata((module.rank, module.alpha, module.is_spatial_conv) for module in modules)
+    for key in ("ss_v2", "ss_base_model_version"):
+        value = next((lora.metadata[key] for lora in loras if key in lora.metadata), None)
+        if value is not None:
+            metadata[key] = value
+    if not write_modelspec:
+        return metadata
+    spec = next((lora.metadata for lora in loras if "modelspec.architecture" in lora.metadata), {})
+    facts = facts_for_base_version(metadata.get("ss_base_model_version", ""))
+    modelspec = _modelspec(facts, "/lora", save_to, [lora.title for lora in loras], spec)
+    if not modelspec:
+        logger.info("no input says which base model it is for; the merged file gets no modelspec")
+    return {**metadata, **modelspec}
+
+
+# ----------------------------------------------------------------------------- command line
+@dataclass(frozen=True)
+class MergeConfig:
+    """The merge the flags ask for, checked before any file is read."""
+
+    models: tuple[Path, ...]
+    ratios: tuple[float, ...]
+    save_to: Path
+    sd_model: Path | None = None
+    new_rank: int | None = None
+    new_conv_rank: int | None = None
+    shuffle: bool = False
+    compute_dtype: torch.dtype = torch.float32
+    save_dtype: torch.dtype | None = None
+    device: str = "cpu"
+    write_metadata: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> MergeConfig:
+        if not args.models:
+            raise ValueError("--models: give one or more LoRA files to merge")
+        if args.save_to is None:
+            raise ValueError("--save_to: give the file to write (.safetensors, .ckpt or .pt)")
+        if Path(args.save_to).suffix.lower() not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
+            raise ValueError(f"--save_to {args.save_to}: must end in .safetensors, .ckpt or .pt")
+        ratios = args.ratios if args.ratios else [1.0] * len(args.models)
+        if len(ratios) != len(args.models):
+            raise ValueError(f"--ratios: {len(ratios)} values for {len(args.models)} --models; give one per model")
+        if args.lbws:
+            raise ValueError("--lbws (per-block ratios) is not supported; merge with one --ratios value per model")
+        _check_lora_flags(args)
+        return cls(models=tuple(Path(model) for model in args.models), ratios=tuple(ratios), save_to=Path(args.save_to),
+                   sd_model=Path(args.sd_model) if args.sd_model else None, new_rank=args.new_rank,
+                   new_conv_rank=args.new_conv_rank, shuffle=args.shuffle, compute_dtype=PRECISIONS[args.precision],
+                   save_dtype=PRECISIONS[args.save_precision] if args.save_precision else None,
+                   device=_device(args.device), write_metadata=not args.no_metadata)
+
+
+def _check_lora_flags(args: argparse.Namespace) -> None:
+    if args.sd_model:
+        used = [flag for flag, value in (("--concat", args.concat), ("--shuffle", args.shuffle),
+                                         ("--new_rank", args.new_rank), ("--new_conv_rank", args.new_conv_rank))
+                if value]
+        if used:
+            raise ValueError(f"{', '.join(used)}: only for merging LoRAs into one LoRA; drop it or --sd_model")
+        return
+    if args.new_rank is not None and args.new_rank < 1 or args.new_conv_rank is not None and args.new_conv_rank < 1:
+        raise ValueError("--new_rank / --new_conv_rank: a rank is at least 1")
+    if args.new_conv_rank is not None and args.new_rank is None:
+        raise ValueError("--new_conv_rank needs --new_rank (the rank of the other modules)")
+    if args.new_rank is not None and (args.concat or args.shuffle):
+        raise ValueError("--concat / --shuffle stack the ranks; --new_rank re-factors them; choose one")
+
+
+def _device(name: str | None) -> str:
+    if name is None:
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r}: not a torch device ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; leave --device out to use the CPU")
+    return name
+
+
+def run(config: MergeConfig, family_hints: Sequence[tuple[str, str]] = ()) -> None:
+    """Do the merge `config` describes; `family_hints` are (flag, family) of the --v2 / --sdxl flags given."""
+    loras = read_loras(config.models, config.ratios)
+    if config.sd_model is None:
+        merge_lora_files(loras, config.save_to, new_rank=config.new_rank, new_conv_rank=config.new_conv_rank,
+                         shuffle=config.shuffle, compute_dtype=config.compute_dtype, save_dtype=config.save_dtype,
+                         device=config.device, write_metadata=config.write_metadata)
+        return
+    lora_map = merge_into_checkpoint(config.sd_model, loras, config.save_to, compute_dtype=config.compute_dtype,
+                                     save_dtype=config.save_dtype, device=config.device,
+                                     write_metadata=config.write_metadata)
+    for flag, family in family_hints:
+        if family != lora_map.family:
+            logger.warning("%s: ignored; %s is %s (the family is read from the file)", flag, config.sd_model,
+                           FAMILY_LABELS[lora_map.family])
+
+
+def setup_parser(prog: str | None = None, default_new_rank: int | None = None) -> argparse.ArgumentParser:
+    """The flags of merge_lora.py (and, with `default_new_rank`, of svd_merge_lora.py)."""
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Merge LoRAs into a Stable Diffusion checkpoint (SD1, SD2, SDXL, SD3/3.5), or several "
+                               "LoRAs into one.")
+    inputs = parser.add_argument_group("inputs")
+    inputs.add_argument("--sd_model", default=None,
+                        help="checkpoint to merge into (.safetensors/.ckpt, any family); leave out to merge the LoRAs "
+                             "into one LoRA")
+    inputs.add_argument("--models", nargs="*", help="LoRA files to merge (.safetensors, .ckpt, .pt)")
+    inputs.add_argument("--ratios", type=float, nargs="*",
+                        help="one multiplier per --models file (default 1.0 each; negative subtracts)")
+    output = parser.add_argument_group("output")
+    output.add_argument("--save_to", default=None, help="file to write (.safetensors, .ckpt or .pt); written atomically")
+    output.add_argument("--save_precision", choices=list(PRECISIONS), default=None,
+                        help="dtype of the saved weights (default: a checkpoint keeps each tensor's dtype; a merged "
+                             "LoRA takes the first input's)")
+    output.add_argument("--no_metadata", action="store_true",
+                        help="write no modelspec metadata (a LoRA keeps sd-scripts' minimum ss_* keys; a checkpoint "
+                             "gets no metadata)")
+    lora = parser.add_argument_group("LoRA + LoRA (without --sd_model)")
+    lora.add_argument("--concat", action="store_true",
+                      help="stack the modules' ranks (rank = sum of the input ranks): the exact merge, and the default "
+                           "here")
+    lora.add_argument("--shuffle", action="store_true", help="permute each stacked module's ranks (same change)")
+    lora.add_argument("--new_rank", type=int, default=default_new_rank,
+                      help="re-factor each summed change to this rank by truncated SVD (svd_merge_lora.py; default "
+                           f"{default_new_rank if default_new_rank else 'off: stack the ranks'})")
+    lora.add_argument("--new_conv_rank", type=int, default=None,
+                      help="rank of 3x3 conv modules with --new_rank (default: --new_rank)")
+    lora.add_argument("--lbws", nargs="*", default=None, help="not supported (sd-scripts' per-block ratios); rejected")
+    compute = parser.add_argument_group("computation")
+    compute.add_argument("--precision", choices=list(PRECISIONS), default="float",
+                         help="dtype of the merge arithmetic (default float; SVD is always float)")
+    compute.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
+    compat = parser.add_argument_group("compatibility (the family is read from the checkpoint)")
+    compat.add_argument("--v2", action="store_true", help="accepted for sd-scripts command lines; SD2 is detected")
+    compat.add_argument("--sdxl", action="store_true", help="accepted for sd-scripts command lines; SDXL is detected")
+    return parser
+
+
+def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> None:
+    args = (parser or setup_parser()).parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    hints = [(flag, family) for flag, family, given in (("--v2", "sd2", args.v2), ("--sdxl", "sdxl", args.sdxl))
+             if given]
+    exit_on_user_error(lambda: run(MergeConfig.from_args(args), hints), (ValueError, OSError))
+
+
+if __name__ == "__main__":
+    main()
