@@ -190,6 +190,16 @@ def test_modules_without_alpha_mean_alpha_equals_rank(trained, lora_file, tmp_pa
         assert _relative_error(_delta(module), _delta(before[name])) < 1e-5
 
 
+def test_an_untrained_lora_resizes_to_zero_factors(tmp_path):
+    fresh = write_lora(tmp_path / "fresh.safetensors", tiny_sd1_network(dim=8, alpha=1.0, conv_dim="4"))
+    out = tmp_path / "out.safetensors"
+    resized = resize_file(fresh, out, ResizeConfig(new_rank=4, dynamic_method="sv_fro", dynamic_param=0.9))
+    assert {m.new_rank for m in resized.modules} == {1} and {m.retained_fro for m in resized.modules} == {1.0}
+    tensors = load_file(str(out))
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert not any(t.any() for k, t in tensors.items() if k.endswith("lora_up.weight"))
+
+
 def test_other_tensors_are_copied_and_pickle_output_works(lora_file, tmp_path):
     extra = tmp_path / "extra.safetensors"
     tensors = load_file(str(lora_file))
