@@ -44,7 +44,7 @@ from networks.lora_checkpoint_map import (
 )
 from networks.lora_modules import ALPHA_KEY, DOWN_KEY, UP_KEY
 from networks.lora_svd import factorize
-from networks.merge_lora import PRECISIONS, network_rank_metadata
+from networks.merge_lora import PRECISIONS, network_rank_metadata, parse_device
 
 logger = logging.getLogger(__name__)
 
@@ -87,9 +87,10 @@ class ExtractConfig:
             dim=args.dim, conv_dim=args.conv_dim, clamp_quantile=args.clamp_quantile, min_diff=args.min_diff,
             load_dtype=PRECISIONS[args.load_precision] if args.load_precision else None,
             save_dtype=PRECISIONS[args.save_precision] if args.save_precision else None,
-            device=args.device or "cpu", org_device=args.load_original_model_to or "cpu",
-            tuned_device=args.load_tuned_model_to or "cpu", v_parameterization=args.v_parameterization,
-            write_metadata=not args.no_metadata)
+            device=parse_device(args.device),
+            org_device=parse_device(args.load_original_model_to, "--load_original_model_to"),
+            tuned_device=parse_device(args.load_tuned_model_to, "--load_tuned_model_to"),
+            v_parameterization=args.v_parameterization, write_metadata=not args.no_metadata)
 
 
 @dataclass(frozen=True)

@@ -200,7 +200,8 @@ def _checkpoint_metadata(sd_model: Path, lora_map: LoRACheckpointMap, loras: Seq
     facts = base_model_facts(lora_map.family, lora_map.variant,
                              v_parameterization=prediction == "v" or (lora_map.family == "sd2" and prediction is None))
     titles = [header.get("modelspec.title") or sd_model.stem] + [lora.title for lora in loras]
-    return {**header, **_modelspec(facts, "", save_to, titles, header)}
+    kept = {key: value for key, value in header.items() if key != "modelspec.hash_sha256"}  # hashed the input
+    return {**kept, **_modelspec(facts, "", save_to, titles, header)}
 
 
 _SPEC_FIELDS = ("architecture", "implementation", "resolution", "prediction_type")
@@ -409,7 +410,7 @@ class MergeConfig:
                    sd_model=Path(args.sd_model) if args.sd_model else None, new_rank=args.new_rank,
                    new_conv_rank=args.new_conv_rank, shuffle=args.shuffle, compute_dtype=PRECISIONS[args.precision],
                    save_dtype=PRECISIONS[args.save_precision] if args.save_precision else None,
-                   device=_device(args.device), write_metadata=not args.no_metadata)
+                   device=parse_device(args.device), write_metadata=not args.no_metadata)
 
 
 def _check_lora_flags(args: argparse.Namespace) -> None:
@@ -428,15 +429,16 @@ def _check_lora_flags(args: argparse.Namespace) -> None:
         raise ValueError("--concat / --shuffle stack the ranks; --new_rank re-factors them; choose one")
 
 
-def _device(name: str | None) -> str:
+def parse_device(name: str | None, flag: str = "--device") -> str:
+    """A device flag as given ("cpu" when left out), refused in one line when torch does not know it or lacks it."""
     if name is None:
         return "cpu"
     try:
         device = torch.device(name)
     except RuntimeError as error:
-        raise ValueError(f"--device {name!r}: not a torch device ({error})") from None
+        raise ValueError(f"{flag} {name!r}: not a torch device ({error})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; leave --device out to use the CPU")
+        raise ValueError(f"{flag} {name}: CUDA is not available here; leave {flag} out to use the CPU")
     return name
 
 
@@ -444,6 +446,8 @@ def run(config: MergeConfig, family_hints: Sequence[tuple[str, str]] = ()) -> No
     """Do the merge `config` describes; `family_hints` are (flag, family) of the --v2 / --sdxl flags given."""
     loras = read_loras(config.models, config.ratios)
     if config.sd_model is None:
+        for flag, _ in family_hints:
+            logger.warning("%s: ignored; it only names a checkpoint's family, and there is no --sd_model", flag)
         merge_lora_files(loras, config.save_to, new_rank=config.new_rank, new_conv_rank=config.new_conv_rank,
                          shuffle=config.shuffle, compute_dtype=config.compute_dtype, save_dtype=config.save_dtype,
                          device=config.device, write_metadata=config.write_metadata)
