@@ -87,9 +87,9 @@ HANDLED_HERE = frozenset({*_COMMAND_LINE_ONLY, *LEGACY_ALIASES})
 """Flags whose whole meaning is implemented in this module, so no other code needs to read them."""
 
 OUR_ADDITIONS: frozenset[str] = frozenset({"cache_text_encoder_outputs", "cache_text_encoder_outputs_to_disk",
-                                            "text_encoder_batch_size"})
+                                            "text_encoder_batch_size", "dry_run"})
 """Flags we define beyond sd-scripts' train_network.py: sd-scripts offers text-encoder output caching only for
-SDXL and SD3 (same names there); we offer it for SD1.x/2.x too."""
+SDXL and SD3 (same names there); we offer it for SD1.x/2.x too. --dry_run is ours alone."""
 
 _REJECTED_TITLE = "not supported (rejected if given)"
 _REJECTED_DESCRIPTION = ("sd-scripts has these flags but this trainer does not implement them; rather than "

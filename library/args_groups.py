@@ -214,6 +214,8 @@ TRAINING = FlagGroup("training", "training", "Length of the run, precision and r
     flag("initial_epoch", "epoch number to start counting from (1 = first epoch)", type=int),
     flag("initial_step", "step number to start counting from (0 = first step; overrides --initial_epoch)", type=int),
     switch("skip_until_initial_step", "read and skip batches up to the initial step so the data order matches"),
+    switch("dry_run", "check the flags and dataset, then print buckets, step counts, caches, learning rates and a "
+           "peak GPU memory estimate, and exit without loading any model weights"),
 ))
 
 SPEED = FlagGroup("speed", "speed and memory", "How attention runs and where models live. Attention always runs "

@@ -49,6 +49,11 @@ class RunConfig:
                    vae_dtype=torch.float32 if args.no_half_vae else precision_dtype(args.mixed_precision),
                    gradient_checkpointing=args.gradient_checkpointing, scale_weight_norms=args.scale_weight_norms)
 
+    def steps_per_epoch(self, batches_per_epoch: int, num_processes: int) -> int:
+        """Optimizer steps per epoch: the processes share the batches, and --gradient_accumulation_steps batches
+        make one step (both rounded up, as sd-scripts)."""
+        return math.ceil(batches_per_epoch / num_processes / self.gradient_accumulation_steps)
+
     def total_steps(self, steps_per_epoch: int) -> tuple[int, int]:
         """(optimizer steps, epochs). --max_train_epochs wins over --max_train_steps, as in sd-scripts."""
         if steps_per_epoch <= 0:

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from library.console import exit_on_user_error, setup_logging
 from library.dataset.cache import latent_cache_conflicts, text_cache_conflicts
 from library.dataset.config import DatasetOptions, load_dataset_configs
 from library.dataset.dataset import TrainDataset, split_validation
+from library.dry_run import format_dry_run, plan_dry_run
 from library.lr_schedulers import SchedulerConfig, build_lr_scheduler
 from library.metadata import minimum_metadata
 from library.models.tokenizers import TokenizerUnavailable
@@ -158,6 +158,11 @@ class NetworkTrainer:
         if args.debug_dataset:
             show_dataset(train_set)
             return None
+        if args.dry_run:  # stop where the models would load: report the rest of the run from flags and file headers
+            plan = plan_dry_run(self, args, run, accelerator.num_processes, train_set, val_set)
+            check_bucket_sizes(train_set, plan.pixel_multiple)
+            print(format_dry_run(plan), end="")
+            return None
 
         models = self.prepare_models(args)
         check_bucket_sizes(train_set, models.vae.downscale * models.denoiser.latent_multiple)
@@ -238,7 +243,7 @@ class NetworkTrainer:
         workers = args.max_data_loader_n_workers
         loader = torch.utils.data.DataLoader(train_set, batch_size=1, shuffle=False, collate_fn=_first, num_workers=workers,
                                              persistent_workers=args.persistent_data_loader_workers and workers > 0)
-        steps_per_epoch = math.ceil(len(loader) / accelerator.num_processes / run.gradient_accumulation_steps)
+        steps_per_epoch = run.steps_per_epoch(len(loader), accelerator.num_processes)
         max_steps, max_epochs = run.total_steps(steps_per_epoch)
         for dataset in (train_set, val_set):
             if dataset is not None:

@@ -9,10 +9,12 @@ state dict holds only `{name}.lora_down.weight`, `{name}.lora_up.weight` and `{n
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,16 +248,16 @@ class LoRANetwork(nn.Module):
         lora_up weights in a "plus" group at lr * ratio. Groups with lr 0 are left out (frozen).
         """
         self.requires_grad_(True)
-        groups: list[dict] = []
-        descriptions: list[str] = []
-        te_lrs = _text_encoder_lrs(text_encoder_lr, len(self.text_encoder_groups), default_lr)
-        te_ratio = self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio
-        for i, (loras, lr) in enumerate(zip(self.text_encoder_groups, te_lrs)):
-            name = "textencoder" if len(self.text_encoder_groups) == 1 else f"textencoder {i + 1}"
-            _add_param_groups(groups, descriptions, name, loras, lr, te_ratio)
-        unet_ratio = self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio
-        _add_param_groups(groups, descriptions, "unet", self.unet_loras, unet_lr if unet_lr is not None else default_lr, unet_ratio)
-        return groups, descriptions
+        plans = plan_param_groups(
+            text_encoder_lr, unet_lr, default_lr, text_encoder_parts=[bool(loras) for loras in self.text_encoder_groups],
+            has_unet=bool(self.unet_loras), text_encoder_plus_ratio=self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio,
+            unet_plus_ratio=self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio)
+        groups = []
+        for plan in plans:
+            loras = self.unet_loras if plan.part is None else self.text_encoder_groups[plan.part]
+            params = [param for lora in loras for name, param in lora.named_parameters() if plan.selects(name)]
+            groups.append({"params": params} if plan.lr is None else {"params": params, "lr": plan.lr})
+        return groups, [plan.description for plan in plans]
 
     def enable_gradient_checkpointing(self) -> None:
         """LoRA layers hold no activations worth checkpointing; the call exists for sd-scripts callers."""
@@ -363,22 +365,52 @@ def _text_encoder_lrs(text_encoder_lr: float | Sequence[float] | None, count: in
     return values + [values[-1]] * (count - len(values))
 
 
-def _add_param_groups(groups: list[dict], descriptions: list[str], name: str, loras: Sequence[LoRAModule],
-                      lr: float | None, plus_ratio: float | None) -> None:
-    base, plus = [], []
-    for lora in loras:
-        for param_name, param in lora.named_parameters():
-            (plus if plus_ratio is not None and param_name.startswith("lora_up") else base).append(param)
-    for params, description, factor in ((base, name, 1.0), (plus, f"{name} plus", plus_ratio)):
-        if not params:
-            continue
+@dataclass(frozen=True)
+class ParamGroupPlan:
+    """One optimizer param group, decided from the flags alone: which part, which weights, which learning rate."""
+
+    description: str  # "textencoder", "textencoder 2", "unet", "unet plus", ...
+    part: int | None  # index of the text encoder, None for the denoiser
+    lr: float | None  # None: the optimizer's own --learning_rate
+    plus: bool = False  # LoRA+: this group holds the part's lora_up weights
+    split: bool = False  # LoRA+ is on for this part, so its lora_up weights live in the "plus" group
+
+    def selects(self, param_name: str) -> bool:
+        """Whether a LoRA module's parameter (`lora_down.weight`, `lora_up.weight`) belongs to this group."""
+        is_up = param_name.startswith("lora_up")
+        return is_up if self.plus else not (self.split and is_up)
+
+
+def plan_param_groups(text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float | None,
+                      *, text_encoder_parts: Sequence[bool], has_unet: bool, text_encoder_plus_ratio: float | None = None,
+                      unet_plus_ratio: float | None = None) -> list[ParamGroupPlan]:
+    """The param groups `prepare_optimizer_params` builds, without any model: `text_encoder_parts` says which
+    text encoders have LoRA modules, `has_unet` whether the denoiser has. Groups with lr 0 are left out."""
+    plans: list[ParamGroupPlan] = []
+    te_lrs = _text_encoder_lrs(text_encoder_lr, len(text_encoder_parts), default_lr)
+    for i, (present, lr) in enumerate(zip(text_encoder_parts, te_lrs)):
+        name = "textencoder" if len(text_encoder_parts) == 1 else f"textencoder {i + 1}"
+        if present:
+            plans += _part_plans(name, i, lr, text_encoder_plus_ratio)
+    if has_unet:
+        plans += _part_plans("unet", None, unet_lr if unet_lr is not None else default_lr, unet_plus_ratio)
+    return plans
+
+
+def _part_plans(name: str, part: int | None, lr: float | None, plus_ratio: float | None) -> list[ParamGroupPlan]:
+    split = plus_ratio is not None
+    candidates = [(ParamGroupPlan(name, part, lr, split=split), 1.0)]
+    if split:
+        candidates.append((ParamGroupPlan(f"{name} plus", part, lr, plus=True, split=True), plus_ratio))
+    plans = []
+    for plan, factor in candidates:
         if lr == 0:
-            logger.info("%s: learning rate 0, its LoRA weights are not trained", description)
+            logger.info("%s: learning rate 0, its LoRA weights are not trained", plan.description)
             continue
         if lr is None and factor != 1.0:
             raise NetworkArgsError("loraplus ratios need a learning rate: set --learning_rate / --unet_lr / --text_encoder_lr")
-        groups.append({"params": params} if lr is None else {"params": params, "lr": lr * factor})
-        descriptions.append(description)
+        plans.append(plan if lr is None else dataclasses.replace(plan, lr=lr * factor))
+    return plans
 
 
 def load_lora_state_dict(file: str | os.PathLike) -> dict[str, Tensor]:

@@ -22,6 +22,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 _KEY_METADATA = "cache_key"
 LATENT_SUFFIX = "_lat.safetensors"
 TEXT_SUFFIX = "_te.safetensors"
+_HASH_LENGTH = 10  # hex digits of the key hash in cache file names
 
 
 class CacheError(ValueError):
@@ -98,7 +100,7 @@ def cache_path(image_path: Path, key: Mapping[str, Any], suffix: str) -> Path:
     """Where the entry for ``key`` lives: next to the image, named by a hash of the key minus file stat."""
     image_path = Path(image_path)
     named_part = {name: value for name, value in key.items() if name != "file"}
-    digest = hashlib.sha256(key_json(named_part).encode("utf-8")).hexdigest()[:10]
+    digest = hashlib.sha256(key_json(named_part).encode("utf-8")).hexdigest()[:_HASH_LENGTH]
     return image_path.with_name(f"{image_path.stem}_{digest}{suffix}")
 
 
@@ -116,6 +118,17 @@ def is_current(path: Path, key: Mapping[str, Any], *, skip_check: bool) -> bool:
     if skip_check:
         return Path(path).is_file()
     return stored_key(path) == key_json(key)
+
+
+def entry_status(image_path: Path, key: Mapping[str, Any], suffix: str, *, skip_check: bool) -> str:
+    """What a run would find on disk for ``key``: "valid" (reused as is), "stale" (a cache file of this image made
+    by something else, or by this producer before the image changed: recomputed) or "missing"."""
+    path = cache_path(image_path, key, suffix)
+    if is_current(path, key, skip_check=skip_check):
+        return "valid"
+    image_path = Path(image_path)
+    others = image_path.parent.glob(f"{glob_escape(image_path.stem)}_{'?' * _HASH_LENGTH}{suffix}")
+    return "stale" if path.is_file() or any(others) else "missing"
 
 
 def write_cache_file(path: Path, tensors: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> None:

@@ -544,21 +544,20 @@ class TrainDataset(torch.utils.data.Dataset):
         conflicts = cache.latent_cache_conflicts(self.configs)
         if conflicts:
             raise DatasetError(conflicts[0])
-        keyed = [
-            (item, cache.latent_key(
-                producer, item.path, bucket_reso=item.assignment.bucket_reso, resized_size=item.assignment.resized_size,
-                crop_top_left=center_crop(item.assignment), flip=item.subset.flip_aug, alpha_mask=item.subset.alpha_mask,
-                interpolation=item.interpolation,
-            ))
-            for item in self.items
-        ]
         unreadable = cache.fill_latent_cache(
-            keyed, encode, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check, show_progress=show_progress,
+            self.latent_cache_keys(producer), encode, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check, show_progress=show_progress,
             load_pixels=self._plain_pixels, on_unreadable=lambda item, error: self._skip(item.path, error),
         )
         if unreadable:
             bad = {id(item) for item in unreadable}
             self._drop_items({index for index, item in enumerate(self.items) if id(item) in bad})
+
+    def latent_cache_keys(self, producer: str) -> list[tuple[ImageItem, dict[str, Any]]]:
+        """Each item with the key its cached latents are made under (what ``cache_latents`` checks and writes)."""
+        return [(item, cache.latent_key(
+            producer, item.path, bucket_reso=item.assignment.bucket_reso, resized_size=item.assignment.resized_size,
+            crop_top_left=center_crop(item.assignment), flip=item.subset.flip_aug, alpha_mask=item.subset.alpha_mask,
+            interpolation=item.interpolation)) for item in self.items]
 
     @staticmethod
     def _plain_pixels(item: ImageItem) -> tuple[np.ndarray, np.ndarray | None]:
@@ -583,11 +582,14 @@ class TrainDataset(torch.utils.data.Dataset):
         conflicts = cache.text_cache_conflicts(self.configs)
         if conflicts:
             raise DatasetError(conflicts[0])
-        fixed = dict(epoch=1, step=0, max_train_steps=self.max_train_steps)
-        captions = [process_caption(item.caption, item.subset.caption, rng=random.Random(0), **fixed) for item in self.items]
         cache.fill_text_cache(
-            list(zip(self.items, captions)), encode, producer, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check
+            self.cached_captions(), encode, producer, to_disk=to_disk, batch_size=batch_size, skip_check=skip_check
         )
+
+    def cached_captions(self) -> list[tuple[ImageItem, str]]:
+        """Each item with the caption text its cached text-encoder outputs are computed from (processed once)."""
+        fixed = dict(epoch=1, step=0, max_train_steps=self.max_train_steps)
+        return [(item, process_caption(item.caption, item.subset.caption, rng=random.Random(0), **fixed)) for item in self.items]
 
     # ------------------------------------------------------------------ reporting
     def bucket_summary(self) -> list[tuple[Size, int]]:
