@@ -81,3 +81,19 @@ def tiny_sdxl_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sdxl_tokenizer_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A ``--tokenizer_cache_dir`` with the CLIP-L and bigG tokenizers under sd-scripts' folder names."""
     return write_tiny_sdxl_tokenizer_cache(tmp_path_factory.mktemp("sdxl_tokenizer_cache"))
+
+
+@pytest.fixture
+def no_model_loading(monkeypatch):
+    """Any attempt to read model weights fails the test (for --dry_run, which must load none)."""
+    import library.trainer
+    import sd3_train_network
+    import sdxl_train_network
+    import train_network
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dry run loaded a model")
+
+    for module, name in ((train_network, "load_sd_models"), (sdxl_train_network, "load_sdxl_models"),
+                         (sd3_train_network, "load_sd3_models"), (library.trainer.NetworkTrainer, "prepare_models")):
+        monkeypatch.setattr(module, name, refuse)

@@ -48,17 +48,6 @@ def plans(monkeypatch):
     return recorded
 
 
-@pytest.fixture
-def no_model_loading(monkeypatch):
-    """Any attempt to read model weights fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("a dry run loaded a model")
-
-    for module, name in ((train_network, "load_sd_models"), (sdxl_train_network, "load_sdxl_models"),
-                         (sd3_train_network, "load_sd3_models"), (library.trainer.NetworkTrainer, "prepare_models")):
-        monkeypatch.setattr(module, name, refuse)
-
-
 def _scripts(request) -> dict:
     """entry module and base command line per family, built from the session's tiny checkpoints."""
     return {
