@@ -113,7 +113,7 @@ def _header_metadata(path: Path) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- into a checkpoint
 @dataclass(frozen=True)
-class _Placement:
+class Placement:
     """One module of one LoRA, and the checkpoint rows it changes."""
 
     slot: WeightSlot
@@ -121,10 +121,10 @@ class _Placement:
     ratio: float
 
 
-def place_modules(lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA]) -> dict[str, list[_Placement]]:
+def place_modules(lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA]) -> dict[str, list[Placement]]:
     """Checkpoint key -> the modules that change it. Raises before any arithmetic when a module names no layer
     of this checkpoint or its change has another shape than the layer (a LoRA for another family)."""
-    placements: dict[str, list[_Placement]] = {}
+    placements: dict[str, list[Placement]] = {}
     for lora in loras:
         unmatched = lora_map.unmatched(lora.modules)
         if unmatched:
@@ -137,7 +137,7 @@ def place_modules(lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA]) ->
                     f"--models {lora.path}: module {name} changes a {_shape(delta_shape)} weight, but its layer "
                     f"({slot.key}) in the {lora_map.family_label} checkpoint {lora_map.source} is {_shape(slot.shape)}; "
                     "is the LoRA for another model family?")
-            placements.setdefault(slot.key, []).append(_Placement(slot, module, lora.ratio))
+            placements.setdefault(slot.key, []).append(Placement(slot, module, lora.ratio))
     return placements
 
 
@@ -156,7 +156,7 @@ def _shape(shape: Iterable[int]) -> str:
 
 
 @torch.no_grad()
-def add_deltas(tensor: Tensor, placements: Sequence[_Placement], compute_dtype: torch.dtype = torch.float32,
+def add_deltas(tensor: Tensor, placements: Sequence[Placement], compute_dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu", out_dtype: torch.dtype | None = None) -> Tensor:
     """`tensor` plus every placed module's ratio * dW (in its rows), computed in `compute_dtype` on `device` and
     returned on the CPU in `out_dtype` (default: the tensor's own dtype), rounded once."""

@@ -106,3 +106,12 @@ def lora_deltas(path: Path, ratio: float = 1.0) -> dict[str, Tensor]:
         product = up.reshape(up.shape[0], rank) @ down.reshape(rank, -1)
         deltas[name] = ratio * product.reshape(up.shape[0], *down.shape[1:]) * float(module["alpha"]) / rank
     return deltas
+
+
+def error_line(stderr: str) -> str:
+    """What a tool's main() printed for a user error: the last line, which must start with "error: " (a message
+    running over several lines would not). Lines before it may be log records of handlers other tests left on
+    the root logger."""
+    lines = stderr.rstrip("\n").split("\n")
+    assert lines[-1].startswith("error: "), stderr
+    return lines[-1].removeprefix("error: ")

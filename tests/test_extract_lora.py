@@ -10,6 +10,7 @@ import pytest
 import torch
 from family_loras import (
     FAMILIES,
+    error_line,
     family_checkpoint,
     load_family,
     lora_deltas,
@@ -117,8 +118,8 @@ def test_identical_checkpoints_have_nothing_to_extract(request, tmp_path, capsys
     out = tmp_path / "none.safetensors"
     with pytest.raises(SystemExit):
         main(["--model_org", str(base), "--model_tuned", str(base), "--save_to", str(out)])
-    error = capsys.readouterr().err.strip()
-    assert "no differences to extract" in error and "\n" not in error and "--min_diff 0.01" in error
+    error = error_line(capsys.readouterr().err)
+    assert "no differences to extract" in error and "--min_diff 0.01" in error
     assert not out.exists()
 
 
@@ -126,9 +127,9 @@ def test_checkpoints_of_two_families_are_refused_naming_both(request, tmp_path, 
     sd1, sdxl = family_checkpoint(request, "sd1"), family_checkpoint(request, "sdxl")
     with pytest.raises(SystemExit):
         main(["--model_org", str(sd1), "--model_tuned", str(sdxl), "--save_to", str(tmp_path / "x.safetensors")])
-    error = capsys.readouterr().err.strip()
+    error = error_line(capsys.readouterr().err)
     assert f"--model_org {sd1}" in error and f"--model_tuned {sdxl}" in error
-    assert "SD1.x" in error and "SDXL" in error and "\n" not in error
+    assert "SD1.x" in error and "SDXL" in error
 
 
 def test_cli_writes_the_lora_with_compatibility_hints(sd1_pair, tmp_path, caplog):
@@ -150,5 +151,19 @@ def test_cli_writes_the_lora_with_compatibility_hints(sd1_pair, tmp_path, caplog
 def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--model_org", "a.safetensors", "--model_tuned", "b.safetensors", "--save_to", "o.safetensors", *argv])
-    error = capsys.readouterr().err.strip()
-    assert message in error and "\n" not in error
+    error = error_line(capsys.readouterr().err)
+    assert message in error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_extracting_on_cuda_gives_the_cpu_result(sd1_pair, tmp_path):
+    base, _, tuned = sd1_pair
+    results = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.safetensors"
+        extract(ExtractConfig(model_org=base, model_tuned=tuned, save_to=out, dim=RANK, conv_dim=2, clamp_quantile=1.0,
+                              device=device, org_device=device, tuned_device=device))
+        results[device] = lora_deltas(out)
+    for name, delta in results["cuda"].items():
+        assert relative_error(delta, results["cpu"][name]) < 1e-4, name

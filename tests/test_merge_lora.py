@@ -10,6 +10,7 @@ import pytest
 import torch
 from family_loras import (
     FAMILIES,
+    error_line,
     family_checkpoint,
     load_family,
     lora_deltas,
@@ -267,15 +268,15 @@ def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--models", str(tmp_path / "a.safetensors"), "--save_to", str(tmp_path / "o.safetensors"), *argv])
     assert exit_info.value.code == 1
-    error = capsys.readouterr().err.strip()
-    assert message in error and "\n" not in error
+    error = error_line(capsys.readouterr().err)
+    assert message in error
 
 
 def test_missing_lora_file_names_the_flag(tmp_path, capsys):
     missing = tmp_path / "missing.safetensors"
     with pytest.raises(SystemExit):
         main(["--models", str(missing), "--save_to", str(tmp_path / "o.safetensors")])
-    assert f"--models {missing}" in capsys.readouterr().err
+    assert f"--models {missing}" in error_line(capsys.readouterr().err)
 
 
 def test_help_describes_every_flag_in_groups():
@@ -286,3 +287,22 @@ def test_help_describes_every_flag_in_groups():
     assert all(action.help for action in parser._actions)
     titles = {group.title for group in parser._action_groups}
     assert {"inputs", "output", "computation"} <= titles
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_merging_on_cuda_gives_the_cpu_result(request, two_loras, tmp_path):
+    checkpoint = family_checkpoint(request, "sdxl")
+    lora = _lora_file(request, "sdxl", tmp_path)
+    on_cpu, on_cuda = tmp_path / "cpu.safetensors", tmp_path / "cuda.safetensors"
+    merge_into_checkpoint(checkpoint, read_loras([lora], [RATIO]), on_cpu)
+    merge_into_checkpoint(checkpoint, read_loras([lora], [RATIO]), on_cuda, device="cuda")
+    expected, actual = load_file(str(on_cpu)), load_file(str(on_cuda))
+    for key, tensor in expected.items():
+        torch.testing.assert_close(actual[key], tensor, rtol=1e-4, atol=1e-5)
+    svd_cpu, svd_cuda = tmp_path / "svd_cpu.safetensors", tmp_path / "svd_cuda.safetensors"
+    merge_lora_files(read_loras(two_loras, [1.0, 0.5]), svd_cpu, new_rank=6)
+    merge_lora_files(read_loras(two_loras, [1.0, 0.5]), svd_cuda, new_rank=6, device="cuda")
+    cpu_deltas = lora_deltas(svd_cpu)
+    for name, delta in lora_deltas(svd_cuda).items():
+        assert relative_error(delta, cpu_deltas[name]) < 1e-4, name
