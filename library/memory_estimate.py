@@ -159,7 +159,7 @@ def estimate_memory(inputs: MemoryInputs) -> MemoryEstimate:
         MemoryTerm("LoRA gradients", trainable * lora_bytes),
         MemoryTerm("optimizer states", states, state_note),
         MemoryTerm("activations", activations + text_activations, activation_note),
-        MemoryTerm("VAE encoding", encode, "per step, before the denoiser runs (the larger of this and activations counts)"
+        MemoryTerm("VAE encoding", encode, "per step, before the denoiser runs; only the larger of this and activations counts"
                    if encode else "latents cached"),
         MemoryTerm("workspace", WORKSPACE_BYTES, "cuBLAS/cuDNN workspaces, the batch, the loss"),
     )

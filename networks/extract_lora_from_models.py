@@ -44,7 +44,8 @@ from networks.lora_checkpoint_map import (
 )
 from networks.lora_modules import ALPHA_KEY, DOWN_KEY, UP_KEY
 from networks.lora_svd import factorize
-from networks.merge_lora import PRECISIONS, network_rank_metadata, parse_device
+from networks.merge_lora import network_rank_metadata
+from networks.tool_flags import PRECISIONS, parse_device
 
 logger = logging.getLogger(__name__)
 

@@ -67,10 +67,10 @@ from networks.lora_modules import (
     split_lora_modules,
 )
 from networks.lora_svd import factorize_lora
+from networks.tool_flags import PRECISIONS, parse_device
 
 logger = logging.getLogger(__name__)
 
-PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NETWORK_MODULE = "networks.lora"
 _SHOWN_NAMES = 3
 
@@ -427,19 +427,6 @@ def _check_lora_flags(args: argparse.Namespace) -> None:
         raise ValueError("--new_conv_rank needs --new_rank (the rank of the other modules)")
     if args.new_rank is not None and (args.concat or args.shuffle):
         raise ValueError("--concat / --shuffle stack the ranks; --new_rank re-factors them; choose one")
-
-
-def parse_device(name: str | None, flag: str = "--device") -> str:
-    """A device flag as given ("cpu" when left out), refused in one line when torch does not know it or lacks it."""
-    if name is None:
-        return "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise ValueError(f"{flag} {name!r}: not a torch device ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{flag} {name}: CUDA is not available here; leave {flag} out to use the CPU")
-    return name
 
 
 def run(config: MergeConfig, family_hints: Sequence[tuple[str, str]] = ()) -> None:

@@ -36,11 +36,9 @@ from library.console import exit_on_user_error
 from library.saving import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, save_lora_file
 from networks.lora_modules import ALPHA_KEY, DOWN_KEY, UP_KEY, LoRAModuleWeights, read_tensor_file, split_lora_modules
 from networks.lora_svd import DYNAMIC_METHODS, check_dynamic_method, factorize_lora
+from networks.tool_flags import PRECISIONS, parse_device
 
 logger = logging.getLogger(__name__)
-
-SAVE_PRECISIONS = {"float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class ResizeConfig:
@@ -61,7 +59,7 @@ class ResizeConfig:
             raise ValueError(f"--dynamic_param {self.dynamic_param} does nothing without --dynamic_method "
                              f"({', '.join(DYNAMIC_METHODS)})")
         check_dynamic_method(self.dynamic_method, self.dynamic_param)
-        _check_device(self.device)
+        parse_device(self.device)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ResizeConfig:
@@ -71,15 +69,6 @@ class ResizeConfig:
 
     def max_rank_for(self, module: LoRAModuleWeights) -> int:
         return self.new_conv_rank if module.is_spatial_conv else self.new_rank
-
-
-def _check_device(device: str) -> None:
-    try:
-        parsed = torch.device(device)
-    except RuntimeError as error:
-        raise ValueError(f"--device {device!r}: not a torch device ({error})") from None
-    if parsed.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here; leave --device out to use the CPU")
 
 
 @dataclass(frozen=True)
@@ -188,7 +177,7 @@ def resize_file(model: Path, save_to: Path, config: ResizeConfig, save_precision
     if others:
         logger.info("%s: %d tensors outside the LoRA modules are copied unchanged (first: %s)", model, len(others),
                     next(iter(others)))
-    dtype = SAVE_PRECISIONS[save_precision] if save_precision else next(iter(modules.values())).down.dtype
+    dtype = PRECISIONS[save_precision] if save_precision else next(iter(modules.values())).down.dtype
     if config.dynamic_method:
         logger.info("choosing ranks by %s %s, at most %d (conv %d)", config.dynamic_method, config.dynamic_param,
                     config.new_rank, config.new_conv_rank)
@@ -231,7 +220,7 @@ def setup_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new_rank", type=int, default=4,
                         help="rank of Linear and 1x1 conv modules; the largest rank with --dynamic_method (default 4)")
     parser.add_argument("--new_conv_rank", type=int, default=None, help="rank of 3x3 conv modules (default: --new_rank)")
-    parser.add_argument("--save_precision", choices=sorted(SAVE_PRECISIONS), default=None,
+    parser.add_argument("--save_precision", choices=sorted(PRECISIONS), default=None,
                         help="dtype of the saved weights (default: the input's)")
     parser.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
     parser.add_argument("--verbose", action="store_true", help="print every module's new rank and retained norm")
