@@ -18,8 +18,10 @@ So a name here is exactly the name training writes, and a key exactly what the l
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +31,12 @@ from library.metadata import IMPLEMENTATION_DIFFUSERS, IMPLEMENTATION_STABILITY_
 from library.models.checkpoint import CheckpointError, detect_family, strip_prefix
 from library.models.loading_common import errors_naming
 from library.models.mmdit import MMDiT, infer_mmdit_config
-from library.models.sd3_loading import sd3_variant, t5_config_from_state_dict
+from library.models.sd3_loading import (
+    _separate_weights,
+    sd3_variant,
+    t5_config_from_state_dict,
+    text_encoder_prefix,
+)
 from library.models.sd_unet import SdUNet, SdxlUNet, infer_unet_config
 from library.models.sdxl_loading import bigg_to_hf_text_state_dict
 from library.models.text_encoders import (
@@ -39,7 +46,14 @@ from library.models.text_encoders import (
     openclip_to_hf_text_state_dict,
 )
 from networks.lora import create_network
-from networks.lora_targets import TargetLayer, find_target_layers, resolve_targets
+from networks.lora_targets import (
+    CLIP_TEXT_TARGETS,
+    TargetLayer,
+    find_target_layers,
+    resolve_targets,
+)
+
+logger = logging.getLogger(__name__)
 
 FAMILY_LABELS = {"sd1": "SD1.x", "sd2": "SD2.x", "sdxl": "SDXL", "sd3": "SD3/SD3.5"}
 
@@ -57,6 +71,7 @@ class _Part:
     to_layout: Callable[[dict[str, Tensor]], dict[str, Tensor]]  # checkpoint naming -> the model's state-dict naming
     build: Callable[[dict[str, Tensor]], nn.Module]  # a meta-device model shaped like these tensors
     layout_path: Callable[[str], str] = lambda path: path  # module path in the model -> its path in that naming
+    separate_file: str | None = None  # SD3: the loader's name for the file that may hold it instead ("clip_l")
 
 
 def _meta(model_class: type[nn.Module], config: object) -> nn.Module:
@@ -105,8 +120,9 @@ def _sd3_clip(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     return canonical_hf_text_state_dict(state_dict)
 
 
-def _clip_part(label: str, prefix: str, to_layout: Callable[[dict[str, Tensor]], dict[str, Tensor]]) -> _Part:
-    return _Part(label, prefix, to_layout, _clip, _clip_layout_path)
+def _clip_part(label: str, prefix: str, to_layout: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+               separate_file: str | None = None) -> _Part:
+    return _Part(label, prefix, to_layout, _clip, _clip_layout_path, separate_file)
 
 
 _UNET_PREFIX = "model.diffusion_model."
@@ -120,9 +136,9 @@ _FAMILY_PARTS: dict[str, tuple[_Part, tuple[_Part, ...]]] = {
              (_clip_part("CLIP-L text encoder", "conditioner.embedders.0.transformer.", canonical_hf_text_state_dict),
               _clip_part("bigG text encoder", "conditioner.embedders.1.model.", bigg_to_hf_text_state_dict))),
     "sd3": (_Part("MMDiT", _UNET_PREFIX, _same, _mmdit),
-            (_clip_part("CLIP-L text encoder", "text_encoders.clip_l.transformer.", _sd3_clip),
-             _clip_part("CLIP-G text encoder", "text_encoders.clip_g.transformer.", _sd3_clip),
-             _Part("T5-XXL text encoder", "text_encoders.t5xxl.transformer.", _same, _t5))),
+            (_clip_part("CLIP-L text encoder", text_encoder_prefix("clip_l"), _sd3_clip, "clip_l"),
+             _clip_part("CLIP-G text encoder", text_encoder_prefix("clip_g"), _sd3_clip, "clip_g"),
+             _Part("T5-XXL text encoder", text_encoder_prefix("t5xxl"), _same, _t5, separate_file="t5xxl"))),
 }
 
 
@@ -143,6 +159,15 @@ class WeightSlot:
         return tensor if self.rows is None else tensor[self.rows[0]:self.rows[1]]
 
 
+@dataclass(frozen=True)
+class AbsentTextEncoder:
+    """A text encoder the family has but the mapped files do not hold, and how a LoRA names its modules."""
+
+    label: str  # "CLIP-L text encoder"
+    lora_prefix: str  # "lora_te1_"
+    separate_file: str | None  # SD3: the loader's name for its own file ("clip_l" for --clip_l)
+
+
 @dataclass
 class LoRACheckpointMap:
     """Every LoRA module name a file may hold for one checkpoint, and where its weight is.
@@ -157,6 +182,7 @@ class LoRACheckpointMap:
     variant: str | None  # SD3: "sd3-medium", "sd3.5-medium" or "sd3.5-large"
     slots: dict[str, WeightSlot]
     models_present: tuple[str, ...]  # labels of the parts found in the file
+    absent_text_encoders: tuple[AbsentTextEncoder, ...] = ()
     _text_encoders: list[nn.Module | None] = field(repr=False, default_factory=list)
     _denoiser: nn.Module | None = field(repr=False, default=None)
 
@@ -210,7 +236,11 @@ def map_checkpoint(shapes: Mapping[str, Sequence[int]], source: str) -> LoRAChec
             for layer in layers:
                 slots[layer.lora_name] = _slot(layer, part, paths[id(layer.module)], layout, keys, shapes, source)
     present = tuple(entry[0].label for entry in built if entry is not None)
-    return LoRACheckpointMap(source, family, variant, slots, present, text_encoders, denoiser)
+    absent = tuple(
+        AbsentTextEncoder(part.label, _encoder_prefix(CLIP_TEXT_TARGETS.prefix, number, len(encoder_parts)) + "_",
+                          part.separate_file)
+        for number, (part, entry) in enumerate(zip(encoder_parts, built[1:]), start=1) if entry is None)
+    return LoRACheckpointMap(source, family, variant, slots, present, absent, text_encoders, denoiser)
 
 
 def _target_layers(text_encoders: list[nn.Module | None], denoiser: nn.Module) -> list[list[TargetLayer]]:
@@ -218,10 +248,14 @@ def _target_layers(text_encoders: list[nn.Module | None], denoiser: nn.Module) -
     targets = resolve_targets(text_encoders, denoiser)
     layers = [find_target_layers(denoiser, targets.denoiser, targets.denoiser.prefix, with_conv=True)]
     for number, (encoder, layout) in enumerate(zip(text_encoders, targets.text_encoders), start=1):
-        # LoRANetwork's numbering: lora_te alone, lora_te1, lora_te2, ... when a model has several encoders
-        prefix = layout.prefix + ("" if len(text_encoders) == 1 else str(number)) if layout else ""
+        prefix = _encoder_prefix(layout.prefix, number, len(text_encoders)) if layout else ""
         layers.append([] if encoder is None else find_target_layers(encoder, layout, prefix, with_conv=True))
     return layers
+
+
+def _encoder_prefix(prefix: str, number: int, count: int) -> str:
+    # LoRANetwork's numbering: lora_te alone, lora_te1, lora_te2, ... when a model has several encoders
+    return prefix + ("" if count == 1 else str(number))
 
 
 def _slot(layer: TargetLayer, part: _Part, path: str, layout: Mapping[str, Tensor], keys: list[str],
@@ -260,6 +294,70 @@ def _trace(stand_in: Tensor) -> tuple[int, tuple[int, int]] | None:
     if not torch.equal(first, last) or not bool((index == index[0]).all()) or not torch.equal(rows, expected):
         return None
     return int(index[0]), (start, start + len(rows))
+
+
+# ----------------------------------------------------------------------------- SD3 text encoders in their own files
+@dataclass(frozen=True)
+class SeparateTextEncoder:
+    """An SD3 text encoder in a file of its own (--clip_l / --clip_g / --t5xxl), as the map sees it: each tensor
+    the loader takes from the file sits under `text_encoders.<name>.transformer.`, as in a single file."""
+
+    name: str  # "clip_l", "clip_g" or "t5xxl"
+    path: Path
+    file_keys: dict[str, str]  # single-file key -> the key in the file
+    shapes: dict[str, tuple[int, ...]]  # single-file key -> shape
+
+    @property
+    def flag(self) -> str:
+        return f"--{self.name}"
+
+
+def read_separate_text_encoder(name: str, path: Path, file_keys: Iterable[str]) -> SeparateTextEncoder:
+    """Place the file's encoder tensors (`file_keys` are all the file's keys) where a single file keeps them.
+    Which tensors are the encoder's is the SD3 loader's decision (`_separate_weights` strips a single-file or
+    `transformer.` wrapper), so a merged file loads as its input did."""
+    view = _separate_weights(Path(path), name, mmap=True)
+    in_file = _keys_in_file(view, set(file_keys), f"--{name} {path}")
+    prefix = text_encoder_prefix(name)
+    return SeparateTextEncoder(name, Path(path), {prefix + key: in_file[key] for key in view},
+                               {prefix + key: tuple(tensor.shape) for key, tensor in view.items()})
+
+
+def _keys_in_file(view: Mapping[str, Tensor], file_keys: set[str], source: str) -> dict[str, str]:
+    """Key in the loader's view -> key in the file: the one wrapping prefix (possibly none) that, put before
+    every view key, gives keys of the file. The longest wins: the loader strips a wrapper when it finds one."""
+    if not view:
+        raise CheckpointError(f"{source}: holds no tensors")
+    first = next(iter(view))
+    candidates = {key[:len(key) - len(first)] for key in file_keys if key.endswith(first)}
+    for prefix in sorted(candidates, key=len, reverse=True):
+        if all(prefix + key in file_keys for key in view):
+            return {key: prefix + key for key in view}
+    raise CheckpointError(f"{source}: cannot tell under which prefix its text-encoder tensors are stored")
+
+
+def map_with_text_encoder_files(shapes: Mapping[str, Sequence[int]], source: str,
+                                encoders: Sequence[SeparateTextEncoder]) -> LoRACheckpointMap:
+    """The map of a checkpoint plus separate SD3 text-encoder files. As in the SD3 loader, a separate file wins
+    over the checkpoint's own copy of that encoder, which then takes no LoRA module (and is written unchanged)."""
+    if not encoders:
+        return map_checkpoint(shapes, source)
+    family = detect_family(shapes, source=source)
+    if family != "sd3":
+        flags = ", ".join(encoder.flag for encoder in encoders)
+        raise ValueError(f"{flags}: separate text-encoder files are for SD3/SD3.5 checkpoints only; {source} is "
+                         f"{FAMILY_LABELS[family]}")
+    combined = dict(shapes)
+    for encoder in encoders:
+        prefix = text_encoder_prefix(encoder.name)
+        replaced = [key for key in combined if key.startswith(prefix)]
+        if replaced:
+            logger.info("%s %s replaces the %s in %s for the merge; the checkpoint's copy is left unchanged",
+                        encoder.flag, encoder.path, encoder.name, source)
+        for key in replaced:
+            del combined[key]
+        combined.update(encoder.shapes)
+    return map_checkpoint(combined, source)
 
 
 # ----------------------------------------------------------------------------- guessing a LoRA's family

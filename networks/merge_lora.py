@@ -7,6 +7,10 @@ its rows of the fused `in_proj_weight`. The output has the input's layout and ke
 written bit for bit, touched ones in their own dtype (or `--save_precision`). No model is built, so memory is the
 checkpoint plus one tensor.
 
+SD3.5 files hold no text encoders; `--clip_l` / `--clip_g` / `--t5xxl` name the separate files (any layout the SD3
+loader takes). The LoRA's lora_te1/2/3 modules are merged into them, and each one a module changes is written
+next to --save_to as `<save_to stem>_<name>.safetensors`, in its input's keys and layout.
+
     python networks/merge_lora.py --sd_model model.safetensors --models a.safetensors b.safetensors
         --ratios 0.8 0.5 --save_to merged.safetensors
 
@@ -27,7 +31,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +45,8 @@ from torch import Tensor
 from library.console import exit_on_user_error
 from library.metadata import IMPLEMENTATION_DIFFUSERS, modelspec_metadata
 from library.models.checkpoint import load_state_dict
+from library.models.loading_common import errors_naming
+from library.models.sd3_loading import ENCODERS as SD3_TEXT_ENCODERS
 from library.saving import (
     PICKLE_SUFFIXES,
     SAFETENSORS_SUFFIX,
@@ -52,11 +58,13 @@ from networks.lora_checkpoint_map import (
     FAMILY_LABELS,
     BaseModelFacts,
     LoRACheckpointMap,
+    SeparateTextEncoder,
     WeightSlot,
     base_model_facts,
     facts_for_base_version,
     guess_lora_family,
-    map_checkpoint,
+    map_with_text_encoder_files,
+    read_separate_text_encoder,
 )
 from networks.lora_modules import (
     ALPHA_KEY,
@@ -142,6 +150,9 @@ def place_modules(lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA]) ->
 
 
 def _unmatched_message(lora: WeightedLoRA, unmatched: list[str], lora_map: LoRACheckpointMap) -> str:
+    missing_encoders = _absent_encoder_message(lora, unmatched, lora_map)
+    if missing_encoders:
+        return missing_encoders
     shown = ", ".join(unmatched[:_SHOWN_NAMES]) + (f" (+{len(unmatched) - _SHOWN_NAMES} more)"
                                                    if len(unmatched) > _SHOWN_NAMES else "")
     guess = guess_lora_family(unmatched)
@@ -149,6 +160,19 @@ def _unmatched_message(lora: WeightedLoRA, unmatched: list[str], lora_map: LoRAC
     return (f"--models {lora.path}: {len(unmatched)} of {len(lora.modules)} LoRA modules match no layer of the "
             f"{lora_map.family_label} checkpoint {lora_map.source} (which holds {', '.join(lora_map.models_present)}): "
             f"{shown}{hint}")
+
+
+def _absent_encoder_message(lora: WeightedLoRA, unmatched: list[str], lora_map: LoRACheckpointMap) -> str | None:
+    """When every unmatched module is of SD3 text encoders the checkpoint lacks: the flags that supply them."""
+    missing = [(encoder, sum(name.startswith(encoder.lora_prefix) for name in unmatched))
+               for encoder in lora_map.absent_text_encoders if encoder.separate_file]
+    missing = [(encoder, count) for encoder, count in missing if count]
+    if not missing or sum(count for _, count in missing) != len(unmatched):
+        return None
+    flags = " ".join(f"--{encoder.separate_file} FILE" for encoder, _ in missing)
+    counts = " and ".join(f"{count} {encoder.lora_prefix}* modules" for encoder, count in missing)
+    labels = " or ".join(encoder.label for encoder, _ in missing)
+    return f"--models {lora.path}: add {flags} (the LoRA has {counts}, and {lora_map.source} holds no {labels})"
 
 
 def _shape(shape: Iterable[int]) -> str:
@@ -171,21 +195,66 @@ def add_deltas(tensor: Tensor, placements: Sequence[Placement], compute_dtype: t
 
 
 def merge_into_checkpoint(sd_model: Path, loras: Sequence[WeightedLoRA], save_to: Path, *,
+                          text_encoder_files: Mapping[str, Path] | None = None,
                           compute_dtype: torch.dtype = torch.float32, save_dtype: torch.dtype | None = None,
                           device: str = "cpu", write_metadata: bool = True) -> LoRACheckpointMap:
-    """Write `save_to`: the checkpoint `sd_model` with every LoRA merged at its ratio (see the module doc)."""
+    """Write `save_to`: the checkpoint `sd_model` with every LoRA merged at its ratio (see the module doc), and
+    next to it each of the SD3 `text_encoder_files` (name -> file, e.g. "clip_l") that a module changes."""
     sd_model = Path(sd_model)
     state_dict = load_state_dict(sd_model)
-    lora_map = map_checkpoint({key: tuple(value.shape) for key, value in state_dict.items()}, str(sd_model))
+    encoders = _read_text_encoder_files(text_encoder_files or {})
+    lora_map = map_with_text_encoder_files({key: tuple(value.shape) for key, value in state_dict.items()},
+                                           str(sd_model), [encoder for encoder, _ in encoders])
     logger.info("%s: %s checkpoint (%s)", sd_model, lora_map.family_label, ", ".join(lora_map.models_present))
     placements = place_modules(lora_map, loras)
+    # a placement's key is a single-file key; those of a separate encoder are written back under its own keys
+    owners = {key: (encoder.name, file_key, tensors) for encoder, tensors in encoders
+              for key, file_key in encoder.file_keys.items()}
+    touched: set[str] = set()  # names of the separate encoders a module changed ("" for the checkpoint)
     for key, placed in placements.items():
-        state_dict[key] = add_deltas(state_dict[key], placed, compute_dtype, device, save_dtype)
-    logger.info("merged %d LoRA modules into %d checkpoint tensors", sum(map(len, placements.values())), len(placements))
+        owner, target_key, tensors = owners.get(key, ("", key, state_dict))
+        tensors[target_key] = add_deltas(tensors[target_key], placed, compute_dtype, device, save_dtype)
+        touched.add(owner)
+    logger.info("merged %d LoRA modules into %d tensors", sum(map(len, placements.values())), len(placements))
     metadata = _checkpoint_metadata(sd_model, lora_map, loras, save_to) if write_metadata else None
     logger.info("saving %s", save_to)
     save_tensors(save_to, state_dict, metadata, dtype=save_dtype)
+    _save_text_encoder_files(encoders, touched, save_to, save_dtype, write_metadata)
     return lora_map
+
+
+def text_encoder_output(save_to: Path, name: str) -> Path:
+    """Where the merged copy of the separate text encoder `name` ("clip_l", ...) is written."""
+    return Path(save_to).with_name(f"{Path(save_to).stem}_{name}{SAFETENSORS_SUFFIX}")
+
+
+def _read_text_encoder_files(files: Mapping[str, Path]) -> list[tuple[SeparateTextEncoder, dict[str, Tensor]]]:
+    """Each file's map view and its tensors as stored (what is written back)."""
+    read = []
+    for name, path in files.items():
+        with errors_naming(path, f"--{name} "):
+            tensors = load_state_dict(path)
+            read.append((read_separate_text_encoder(name, Path(path), tensors), tensors))
+    return read
+
+
+def _save_text_encoder_files(encoders: Sequence[tuple[SeparateTextEncoder, dict[str, Tensor]]], touched: set[str],
+                             save_to: Path, save_dtype: torch.dtype | None, write_metadata: bool) -> None:
+    """Write the encoders a module changed; an unchanged one is not copied (its input file serves as it is)."""
+    for encoder, tensors in encoders:
+        if encoder.name not in touched:
+            logger.info("%s %s: no LoRA module changes it; not written, use the file as it is", encoder.flag,
+                        encoder.path)
+            continue
+        output = text_encoder_output(save_to, encoder.name)
+        metadata = _kept_header(encoder.path) if write_metadata else None
+        logger.info("saving %s (%s %s with the LoRAs merged)", output, encoder.flag, encoder.path)
+        save_tensors(output, tensors, metadata, dtype=save_dtype)
+
+
+def _kept_header(path: Path) -> dict[str, str]:
+    # modelspec.hash_sha256 hashed the input's weights, which the merge changed
+    return {key: value for key, value in _header_metadata(path).items() if key != "modelspec.hash_sha256"}
 
 
 def _checkpoint_metadata(sd_model: Path, lora_map: LoRACheckpointMap, loras: Sequence[WeightedLoRA],
@@ -200,8 +269,7 @@ def _checkpoint_metadata(sd_model: Path, lora_map: LoRACheckpointMap, loras: Seq
     facts = base_model_facts(lora_map.family, lora_map.variant,
                              v_parameterization=prediction == "v" or (lora_map.family == "sd2" and prediction is None))
     titles = [header.get("modelspec.title") or sd_model.stem] + [lora.title for lora in loras]
-    kept = {key: value for key, value in header.items() if key != "modelspec.hash_sha256"}  # hashed the input
-    return {**kept, **_modelspec(facts, "", save_to, titles, header)}
+    return {**_kept_header(sd_model), **_modelspec(facts, "", save_to, titles, header)}
 
 
 _SPEC_FIELDS = ("architecture", "implementation", "resolution", "prediction_type")
@@ -384,6 +452,7 @@ class MergeConfig:
     ratios: tuple[float, ...]
     save_to: Path
     sd_model: Path | None = None
+    text_encoders: tuple[tuple[str, Path], ...] = ()  # SD3's separate files: ("clip_l", path), ...
     new_rank: int | None = None
     new_conv_rank: int | None = None
     shuffle: bool = False
@@ -406,8 +475,12 @@ class MergeConfig:
         if args.lbws:
             raise ValueError("--lbws (per-block ratios) is not supported; merge with one --ratios value per model")
         _check_lora_flags(args)
+        text_encoders = tuple((name, Path(getattr(args, name))) for name in SD3_TEXT_ENCODERS if getattr(args, name))
+        if text_encoders and not args.sd_model:
+            raise ValueError(f"--{text_encoders[0][0]}: only with --sd_model, to merge into an SD3/SD3.5 checkpoint")
         return cls(models=tuple(Path(model) for model in args.models), ratios=tuple(ratios), save_to=Path(args.save_to),
-                   sd_model=Path(args.sd_model) if args.sd_model else None, new_rank=args.new_rank,
+                   sd_model=Path(args.sd_model) if args.sd_model else None, text_encoders=text_encoders,
+                   new_rank=args.new_rank,
                    new_conv_rank=args.new_conv_rank, shuffle=args.shuffle, compute_dtype=PRECISIONS[args.precision],
                    save_dtype=PRECISIONS[args.save_precision] if args.save_precision else None,
                    device=parse_device(args.device), write_metadata=not args.no_metadata)
@@ -439,7 +512,8 @@ def run(config: MergeConfig, family_hints: Sequence[tuple[str, str]] = ()) -> No
                          shuffle=config.shuffle, compute_dtype=config.compute_dtype, save_dtype=config.save_dtype,
                          device=config.device, write_metadata=config.write_metadata)
         return
-    lora_map = merge_into_checkpoint(config.sd_model, loras, config.save_to, compute_dtype=config.compute_dtype,
+    lora_map = merge_into_checkpoint(config.sd_model, loras, config.save_to,
+                                     text_encoder_files=dict(config.text_encoders), compute_dtype=config.compute_dtype,
                                      save_dtype=config.save_dtype, device=config.device,
                                      write_metadata=config.write_metadata)
     for flag, family in family_hints:
@@ -457,6 +531,10 @@ def setup_parser(prog: str | None = None, default_new_rank: int | None = None) -
     inputs.add_argument("--sd_model", default=None,
                         help="checkpoint to merge into (.safetensors/.ckpt, any family); leave out to merge the LoRAs "
                              "into one LoRA")
+    for name, label in (("clip_l", "CLIP-L"), ("clip_g", "CLIP-G"), ("t5xxl", "T5-XXL")):
+        inputs.add_argument(f"--{name}", default=None,
+                            help=f"SD3/SD3.5: the separate {label} file, for a LoRA with {label} modules; written "
+                                 f"merged as <save_to stem>_{name}.safetensors")
     inputs.add_argument("--models", nargs="*", help="LoRA files to merge (.safetensors, .ckpt, .pt)")
     inputs.add_argument("--ratios", type=float, nargs="*",
                         help="one multiplier per --models file (default 1.0 each; negative subtracts)")
