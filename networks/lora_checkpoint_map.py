@@ -32,8 +32,8 @@ from library.models.checkpoint import CheckpointError, detect_family, strip_pref
 from library.models.loading_common import errors_naming
 from library.models.mmdit import MMDiT, infer_mmdit_config
 from library.models.sd3_loading import (
-    _separate_weights,
     sd3_variant,
+    separate_file_prefix,
     t5_config_from_state_dict,
     text_encoder_prefix,
 )
@@ -312,28 +312,17 @@ class SeparateTextEncoder:
         return f"--{self.name}"
 
 
-def read_separate_text_encoder(name: str, path: Path, file_keys: Iterable[str]) -> SeparateTextEncoder:
-    """Place the file's encoder tensors (`file_keys` are all the file's keys) where a single file keeps them.
-    Which tensors are the encoder's is the SD3 loader's decision (`_separate_weights` strips a single-file or
-    `transformer.` wrapper), so a merged file loads as its input did."""
-    view = _separate_weights(Path(path), name, mmap=True)
-    in_file = _keys_in_file(view, set(file_keys), f"--{name} {path}")
+def read_separate_text_encoder(name: str, path: Path, shapes: Mapping[str, Sequence[int]]) -> SeparateTextEncoder:
+    """Place a separate file's encoder tensors (`shapes`: all the file's keys and shapes) where a single file
+    keeps them. The wrapper is the SD3 loader's own rule (`separate_file_prefix`), so a merged file loads as
+    its input did."""
+    wrapper = separate_file_prefix(shapes, name)
+    own = [key for key in shapes if key.startswith(wrapper)]
+    if not own:
+        raise CheckpointError(f"--{name} {path}: holds no tensors")
     prefix = text_encoder_prefix(name)
-    return SeparateTextEncoder(name, Path(path), {prefix + key: in_file[key] for key in view},
-                               {prefix + key: tuple(tensor.shape) for key, tensor in view.items()})
-
-
-def _keys_in_file(view: Mapping[str, Tensor], file_keys: set[str], source: str) -> dict[str, str]:
-    """Key in the loader's view -> key in the file: the one wrapping prefix (possibly none) that, put before
-    every view key, gives keys of the file. The longest wins: the loader strips a wrapper when it finds one."""
-    if not view:
-        raise CheckpointError(f"{source}: holds no tensors")
-    first = next(iter(view))
-    candidates = {key[:len(key) - len(first)] for key in file_keys if key.endswith(first)}
-    for prefix in sorted(candidates, key=len, reverse=True):
-        if all(prefix + key in file_keys for key in view):
-            return {key: prefix + key for key in view}
-    raise CheckpointError(f"{source}: cannot tell under which prefix its text-encoder tensors are stored")
+    return SeparateTextEncoder(name, Path(path), {prefix + key[len(wrapper):]: key for key in own},
+                               {prefix + key[len(wrapper):]: tuple(shapes[key]) for key in own})
 
 
 def map_with_text_encoder_files(shapes: Mapping[str, Sequence[int]], source: str,

@@ -234,7 +234,8 @@ def _read_text_encoder_files(files: Mapping[str, Path]) -> list[tuple[SeparateTe
     for name, path in files.items():
         with errors_naming(path, f"--{name} "):
             tensors = load_state_dict(path)
-            read.append((read_separate_text_encoder(name, Path(path), tensors), tensors))
+            shapes = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+            read.append((read_separate_text_encoder(name, Path(path), shapes), tensors))
     return read
 
 

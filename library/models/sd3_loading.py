@@ -215,13 +215,20 @@ def _load_vae(weights: Mapping[str, Tensor], dtype: torch.dtype, source: str) ->
         return build_model(AutoencoderKL, infer_vae_config(weights), weights, source)
 
 
-def _separate_weights(file: Path, name: str, mmap: bool) -> dict[str, Tensor]:
-    """A separate encoder file's tensors without any wrapping prefix (single-file or ``transformer.``)."""
-    weights = load_state_dict(file, mmap=mmap)
+def separate_file_prefix(keys: Iterable[str], name: str) -> str:
+    """The wrapper a separate encoder file puts before the encoder's own keys: the single-file prefix,
+    ``transformer.``, or nothing. Tensors outside the wrapper are not the encoder's."""
+    keys = list(keys)
     for prefix in (text_encoder_prefix(name), "transformer."):
-        if any(key.startswith(prefix) for key in weights):
-            return strip_prefix(weights, prefix)
-    return weights
+        if any(key.startswith(prefix) for key in keys):
+            return prefix
+    return ""
+
+
+def _separate_weights(file: Path, name: str, mmap: bool) -> dict[str, Tensor]:
+    """A separate encoder file's tensors without any wrapping prefix."""
+    weights = load_state_dict(file, mmap=mmap)
+    return strip_prefix(weights, separate_file_prefix(weights, name))
 
 
 def _build_encoder(name: str, weights: dict[str, Tensor]) -> CLIPTextModelWithProjection | T5EncoderModel:
