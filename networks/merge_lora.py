@@ -211,10 +211,16 @@ def merge_into_checkpoint(sd_model: Path, loras: Sequence[WeightedLoRA], save_to
     owners = {key: (encoder.name, file_key, tensors) for encoder, tensors in encoders
               for key, file_key in encoder.file_keys.items()}
     touched: set[str] = set()  # names of the separate encoders a module changed ("" for the checkpoint)
+    rounded_to_fp8 = 0
     for key, placed in placements.items():
         owner, target_key, tensors = owners.get(key, ("", key, state_dict))
+        rounded_to_fp8 += save_dtype is None and tensors[target_key].element_size() == 1
         tensors[target_key] = add_deltas(tensors[target_key], placed, compute_dtype, device, save_dtype)
         touched.add(owner)
+    if rounded_to_fp8:
+        # float8 keeps 3 mantissa bits: a LoRA's small change mostly rounds away
+        logger.warning("%d merged tensors are stored in float8 and were rounded back to it, which loses most of a "
+                       "LoRA's change; add --save_precision fp16/bf16/float to keep it", rounded_to_fp8)
     logger.info("merged %d LoRA modules into %d tensors", sum(map(len, placements.values())), len(placements))
     metadata = _checkpoint_metadata(sd_model, lora_map, loras, save_to) if write_metadata else None
     logger.info("saving %s", save_to)

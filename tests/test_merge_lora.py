@@ -84,12 +84,20 @@ def test_merged_checkpoint_computes_what_the_runtime_lora_computes(family, reque
         assert not any(key.startswith("first_stage_model.") for key in changed)
 
 
-def test_checkpoint_tensors_keep_their_dtype_by_default(request, tmp_path):
-    """SD3's fp16 CLIP-G and fp8 T5 stay so; a touched tensor is the float32 sum rounded once."""
+def test_checkpoint_tensors_keep_their_dtype_by_default(request, tmp_path, caplog):
+    """SD3's fp16 CLIP-G and fp8 T5 stay so; a touched tensor is the float32 sum rounded once, and rounding
+    into float8 is called out."""
     checkpoint = family_checkpoint(request, "sd3")
     lora = _lora_file(request, "sd3", tmp_path)
     merged = tmp_path / "merged.safetensors"
     merge_into_checkpoint(checkpoint, read_loras([lora], [RATIO]), merged)
+    fp8_targets = {key for key, value in load_file(str(checkpoint)).items()
+                   if value.dtype == torch.float8_e4m3fn and key.endswith("weight") and "t5xxl" in key}
+    warnings = [r.getMessage() for r in caplog.records if "float8" in r.getMessage()]
+    assert fp8_targets and len(warnings) == 1 and "--save_precision" in warnings[0]
+    caplog.clear()
+    merge_into_checkpoint(checkpoint, read_loras([lora], [RATIO]), tmp_path / "fp16.safetensors", save_dtype=torch.float16)
+    assert not [r for r in caplog.records if "float8" in r.getMessage()]
     original, result = load_file(str(checkpoint)), load_file(str(merged))
     assert {key: value.dtype for key, value in result.items()} == {key: value.dtype for key, value in original.items()}
     key = "text_encoders.clip_g.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight"
