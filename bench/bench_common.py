@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 GIB = 1024**3
@@ -128,6 +129,72 @@ def profile_steps(step: Step, device: torch.device, steps: int = 3) -> dict:
             "gpu_busy_fraction": kernel_time / wall if kernels else None, "table": table}
 
 
+# aten ops that launch no GPU work: views and aliases of existing memory, allocation, autograd bookkeeping.
+_NO_LAUNCH = frozenset({"detach", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty",
+                        "new_empty_strided", "set_", "resize_", "_has_compatible_shallow_copy_type", "is_same_size"})
+_KINDS = (("matmul", ("mm", "addmm", "bmm", "baddbmm", "addbmm", "convolution", "convolution_backward")),
+          ("attention", ("_scaled_dot_product", "_efficient_attention", "_flash_attention")),
+          ("norm", ("native_layer_norm", "native_group_norm", "_fused_rms_norm", "rms_norm", "layer_norm", "group_norm")),
+          ("copy/cast", ("_to_copy", "copy_", "clone", "cat", "stack", "_unsafe_index", "constant_pad_nd")),
+          ("optimizer", ("_foreach_", "_fused_")))
+
+
+def launch_kind(name: str) -> str:
+    """The group an aten op's kernel belongs to, for the per-kind counts ("elementwise/other" by default)."""
+    for kind, prefixes in _KINDS:
+        if any(name == prefix or name.startswith(prefix) for prefix in prefixes):
+            return kind
+    return "elementwise/other"
+
+
+class _LaunchCounter(TorchDispatchMode):
+    """Counts the aten ops a step dispatches that would each launch GPU work, per phase and kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.phase = "forward"
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in _NO_LAUNCH:
+            # The autograd engine runs backward (and the checkpoint recompute inside it) under a graph task.
+            phase = "backward" if torch._C._current_graph_task_id() != -1 else self.phase
+            kinds = self.counts.setdefault(phase, {})
+            kind = launch_kind(name)
+            kinds[kind] = kinds.get(kind, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_launches(step: Step) -> dict[str, Any]:
+    """Kernel-launching aten ops of one step by phase (forward, backward incl. checkpoint recompute, then the
+    optimizer: clipping, step, zero_grad) and kind. The count depends on the model's depth and structure, not
+    its width, so a narrow stand-in on the CPU gives the GPU step's count; an op can launch more than one
+    kernel (or, fused by a library, fewer), so this is the host-side work the step asks for, not a profile."""
+    counter = _LaunchCounter()
+
+    def after_forward() -> None:
+        counter.phase = "optimizer"  # what runs after the loss and outside backward
+
+    with counter:
+        step(after_forward)
+    phases = {phase: sum(kinds.values()) for phase, kinds in counter.counts.items()}
+    return {"launches_per_step": sum(phases.values()), "launches_by_phase": phases, "launches_by_kind": counter.counts}
+
+
+def launch_summary(r: dict[str, Any]) -> str:
+    """One line for a --count_launches result."""
+    phases = ", ".join(f"{phase} {count}" for phase, count in r["launches_by_phase"].items())
+    kinds: dict[str, int] = {}
+    for counts in r["launches_by_kind"].values():
+        for kind, count in counts.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    by_kind = ", ".join(f"{kind} {count}" for kind, count in sorted(kinds.items(), key=lambda item: -item[1]))
+    return (f"{r['model']} (depth as released, narrow widths, CPU) gc={'on' if r['gradient_checkpointing'] else 'off'} "
+            f"{r['optimizer']} LoRA {r['network_dim']}: {r['launches_per_step']} kernel-launching ops per step "
+            f"({phases}; {by_kind})")
+
+
 def emit(result: dict, summary: str, json_out: str | None, report: Callable[[str], None]) -> None:
     """The human line, then the machine line ("RESULT {json}"), also appended to `json_out` if given."""
     report(summary)
@@ -146,5 +213,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matmul_size", type=int, default=8192, help="side of the bf16 matmul that measures the peak rate; 0 skips it")
     parser.add_argument("--profile", action="store_true", help="also profile 3 steps: kernel time, launches, top kernels")
     parser.add_argument("--flops_only", action="store_true", help="only count the FLOPs of one step on the meta device")
+    parser.add_argument("--count_launches", action="store_true",
+                        help="only count the kernel-launching ops of one step, on the CPU, with a narrow stand-in of the "
+                             "model at full depth (the count does not depend on width)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json_out", default=None)

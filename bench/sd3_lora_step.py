@@ -21,6 +21,7 @@ those lines to a file. --compare_swap measures blocks_to_swap 0 and N in one pro
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import sys
 from collections.abc import Callable
@@ -38,9 +39,11 @@ from bench.bench_common import (
     add_common_flags,
     bf16_matmul_tflops,
     count_flops,
+    count_launches,
     cuda_memory_fields,
     emit,
     host_launch_us,
+    launch_summary,
     memory_split,
     profile_steps,
     time_steps,
@@ -120,20 +123,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def narrow(spec: Sd3Model) -> Sd3Model:
+    """The same depth and block structure at widths a CPU runs in seconds: what --count_launches steps."""
+    config = dataclasses.replace(spec.config, hidden_size=32, num_heads=2, adm_in_channels=32, context_in_dim=32)
+    return Sd3Model(config, 128, (16, 16), 16)
+
+
+def spec_of(options: argparse.Namespace) -> Sd3Model:
+    spec = MODELS[options.model]
+    return narrow(spec) if options.count_launches else spec
+
+
 def resolution_of(options: argparse.Namespace) -> int:
-    resolution = options.resolution or MODELS[options.model].resolution
-    patch = LATENT_DOWNSCALE * MODELS[options.model].config.patch_size
+    resolution = options.resolution or spec_of(options).resolution
+    patch = LATENT_DOWNSCALE * spec_of(options).config.patch_size
     if resolution % patch:
         raise ValueError(f"--resolution {resolution} is not a multiple of {patch} (VAE factor x MMDiT patch size)")
     return resolution
 
 
-def trainer_args(options: argparse.Namespace, blocks_to_swap: int) -> argparse.Namespace:
+def trainer_args(options: argparse.Namespace, blocks_to_swap: int, optimizer_args: tuple[str, ...] = ()) -> argparse.Namespace:
     """The sd3_train_network.py flags this step stands for, parsed by its own parser."""
     argv = ["--mixed_precision=bf16", "--network_module=networks.lora", f"--network_dim={options.network_dim}",
             f"--network_alpha={options.network_alpha}", "--network_train_unet_only", "--learning_rate=1e-4",
             f"--optimizer_type={options.optimizer_type}", "--max_grad_norm=1.0", f"--blocks_to_swap={blocks_to_swap}",
             "--cache_latents", "--cache_text_encoder_outputs"]
+    if optimizer_args:
+        argv += ["--optimizer_args", *optimizer_args]
     argv += [flag for flag, on in (("--gradient_checkpointing", not options.no_gradient_checkpointing),
                                    ("--fp8_base", options.fp8_base), ("--full_bf16", options.full_bf16)) if on]
     return parse_trainer_args(setup_parser(), argv)
@@ -169,10 +185,10 @@ def cached_inputs(spec: Sd3Model, options: argparse.Namespace) -> tuple[torch.Te
     return latents, {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
 
 
-def build(options: argparse.Namespace, blocks_to_swap: int) -> Sd3Bench:
+def build(options: argparse.Namespace, blocks_to_swap: int, optimizer_args: tuple[str, ...] = ()) -> Sd3Bench:
     """Model, LoRA, placement, optimizer and cached inputs, in the order and dtypes of Sd3NetworkTrainer.train."""
-    spec, device = MODELS[options.model], torch.device(options.device)
-    args = trainer_args(options, blocks_to_swap)
+    spec, device = spec_of(options), torch.device(options.device)
+    args = trainer_args(options, blocks_to_swap, optimizer_args)
     trainer = Sd3NetworkTrainer(args)
     mmdit = random_mmdit(spec.config, device, SEED)
     mmdit.requires_grad_(False)
@@ -240,7 +256,7 @@ def _step(bench: Sd3Bench) -> Step:
 
 def meta_model(options: argparse.Namespace) -> tuple[MMDiT, tuple[torch.Tensor, ...]]:
     """The MMDiT with its LoRA applied and one batch of inputs (x, timesteps, context, pooled), on the meta device."""
-    spec = MODELS[options.model]
+    spec = spec_of(options)
     side = resolution_of(options) // LATENT_DOWNSCALE
     tokens = CLIP_TOKENS + (options.t5_tokens or spec.t5_tokens)
     batch = options.batch_size
@@ -282,7 +298,7 @@ def _measure_bench(bench: Sd3Bench, options: argparse.Namespace, device_facts: d
     flops, per_op = count_flops(lambda: train_step(bench))
     split = memory_split(step, device) if cuda else {}
     times = time_steps(step, device, options.warmup, options.steps)
-    config = MODELS[options.model].config
+    config = spec_of(options).config
     result = {
         "model": options.model, "resolution": resolution_of(options), "batch_size": options.batch_size,
         "text_tokens": bench.text["t5_hidden"].shape[1] + CLIP_TOKENS, "depth": config.depth,
@@ -332,7 +348,7 @@ def compare_swap(no_swap: dict[str, Any], swap: dict[str, Any]) -> dict[str, Any
 
 def swap_plan(options: argparse.Namespace) -> tuple[list[int], str | None]:
     """The blocks_to_swap values to measure, and why a requested comparison is skipped (None if it is not)."""
-    depth, cuda = MODELS[options.model].config.depth, torch.device(options.device).type == "cuda"
+    depth, cuda = spec_of(options).config.depth, torch.device(options.device).type == "cuda"
     if options.compare_swap and not options.blocks_to_swap:
         raise ValueError("--compare_swap compares against --blocks_to_swap N; give N > 0 "
                          f"(at most {depth - 1} for {options.model})")
@@ -351,6 +367,8 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> l
     """Measure each planned configuration and emit its result as soon as it is known."""
     if options.flops_only:
         return [count_only(options, report)]
+    if options.count_launches:
+        return [launches_only(options, report)]
     resolution_of(options)  # a bad --resolution fails before anything is built
     plan, skipped = swap_plan(options)
     device = torch.device(options.device)
@@ -380,6 +398,19 @@ def count_only(options: argparse.Namespace, report: Callable[[str], None]) -> di
     line = (f"{options.model} {result['resolution']}² bs{options.batch_size}: {result['model_tflop_per_step']:.2f} TFLOP "
             f"forward + backward, {result['recompute_tflop_per_step']:.2f} with checkpoint recompute (meta-device count)")
     emit(result, line, options.json_out, report)
+    return result
+
+
+def launches_only(options: argparse.Namespace, report: Callable[[str], None]) -> dict[str, Any]:
+    """--count_launches: one step of a narrow full-depth stand-in on the CPU (after a first step that creates
+    the optimizer state), its kernel-launching ops counted. AdamW runs its for-each path, as on CUDA."""
+    options = argparse.Namespace(**{**vars(options), "device": "cpu", "blocks_to_swap": 0})
+    bench = build(options, 0, optimizer_args=("foreach=True",) if options.optimizer_type == "AdamW" else ())
+    train_step(bench)
+    result = {"model": options.model, "depth": spec_of(options).config.depth, "network_dim": options.network_dim,
+              "optimizer": options.optimizer_type, "gradient_checkpointing": not options.no_gradient_checkpointing,
+              **count_launches(_step(bench))}
+    emit(result, launch_summary(result), options.json_out, report)
     return result
 
 
