@@ -18,6 +18,7 @@ Prints a human summary and one JSON line (prefixed "RESULT ") per run; --json_ou
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,9 +36,11 @@ from bench.bench_common import (
     add_common_flags,
     bf16_matmul_tflops,
     count_flops,
+    count_launches,
     cuda_memory_fields,
     emit,
     host_launch_us,
+    launch_summary,
     memory_split,
     profile_steps,
     time_steps,
@@ -117,8 +120,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def narrow(spec: SdModel) -> SdModel:
+    """The same levels, blocks and transformer depths at widths a CPU runs in seconds: what --count_launches
+    steps. SDXL's vector y keeps its six 256-wide size embeddings after the (narrowed) pooled text."""
+    heads = {"num_heads": 2} if spec.config.num_head_channels is None else {"num_head_channels": 16}
+    pooled = 32 if spec.sdxl else None
+    adm = None if pooled is None else spec.config.adm_in_channels - spec.pooled_dim + pooled
+    config = dataclasses.replace(spec.config, model_channels=32, context_dim=32, adm_in_channels=adm, **heads)
+    return dataclasses.replace(spec, config=config, context_dim=32, resolution=128, pooled_dim=pooled)
+
+
+def spec_of(options: argparse.Namespace) -> SdModel:
+    spec = MODELS[options.model]
+    return narrow(spec) if options.count_launches else spec
+
+
 def resolution_of(options: argparse.Namespace) -> int:
-    resolution = options.resolution or MODELS[options.model].resolution
+    resolution = options.resolution or spec_of(options).resolution
     if resolution % 8:
         raise ValueError(f"--resolution {resolution} is not a multiple of 8")
     return resolution
@@ -126,7 +144,7 @@ def resolution_of(options: argparse.Namespace) -> int:
 
 def make_trainer(options: argparse.Namespace) -> NetworkTrainer:
     """The family's trainer, built from the flags this step stands for as its own script parses them."""
-    spec = MODELS[options.model]
+    spec = spec_of(options)
     script = sdxl_train_network if spec.sdxl else train_network
     argv = ["--mixed_precision=bf16", "--network_module=networks.lora", "--network_train_unet_only",
             "--cache_latents", "--cache_text_encoder_outputs"]
@@ -139,7 +157,7 @@ def make_trainer(options: argparse.Namespace) -> NetworkTrainer:
 def cached_inputs(options: argparse.Namespace) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict]:
     """Random stand-ins for the latent and text-encoder caches, and SDXL's size conditioning: the whole
     image trained at its own size, uncropped (original = target = the resolution, crop top-left 0, 0)."""
-    spec, batch = MODELS[options.model], options.batch_size
+    spec, batch = spec_of(options), options.batch_size
     resolution = resolution_of(options)
     side = resolution // 8
     generator = torch.Generator().manual_seed(SEED)
@@ -157,9 +175,9 @@ def _unet(spec: SdModel) -> SdUNet:
     return SdxlUNet(spec.config) if spec.sdxl else SdUNet(spec.config)
 
 
-def build(options: argparse.Namespace) -> Bench:
+def build(options: argparse.Namespace, optimizer_args: tuple[str, ...] = ()) -> Bench:
     """Model, LoRA, optimizer and cached inputs, in the trainer's dtypes and order."""
-    spec = MODELS[options.model]
+    spec = spec_of(options)
     resolution_of(options)
     device = torch.device(options.device)
     trainer = make_trainer(options)
@@ -179,7 +197,8 @@ def build(options: argparse.Namespace) -> Bench:
     if options.full_bf16:
         network.to(torch.bfloat16)
     params, _ = network.prepare_optimizer_params(None, None, 1e-4)
-    optimizer_config = OptimizerConfig(options.optimizer_type, learning_rate=1e-4, optimizer_args=(), max_grad_norm=1.0)
+    optimizer_config = OptimizerConfig(options.optimizer_type, learning_rate=1e-4, optimizer_args=optimizer_args,
+                                       max_grad_norm=1.0)
     _, optimizer = build_optimizer(optimizer_config, params)
     latents, text, extra = cached_inputs(options)
     models = Models(denoiser=unet, vae=None, text_encoders=[], tokenizers=[])
@@ -216,7 +235,7 @@ def _step(bench: Bench) -> Step:
 
 def meta_model(options: argparse.Namespace) -> tuple[SdUNet, tuple[torch.Tensor | None, ...]]:
     """The U-Net with its LoRA applied and one batch of inputs (x, timesteps, context, y), on the meta device."""
-    spec = MODELS[options.model]
+    spec = spec_of(options)
     side, batch = resolution_of(options) // 8, options.batch_size
     with torch.device("meta"):
         unet = _unet(spec).requires_grad_(False)
@@ -248,6 +267,8 @@ def model_flops(options: argparse.Namespace) -> int:
 def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> dict:
     if options.flops_only:
         return count_only(options, report)
+    if options.count_launches:
+        return launches_only(options, report)
     bench = build(options)
     device, step = bench.device, _step(bench)
     lora_params = sum(p.numel() for p in bench.network.parameters())
@@ -276,6 +297,18 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> d
             report(profiled.pop("table"))
             result.update(profiled)
     emit(result, summary(result), options.json_out, report)
+    return result
+
+
+def launches_only(options: argparse.Namespace, report: Callable[[str], None]) -> dict:
+    """--count_launches: one step of a narrow full-depth stand-in on the CPU (after a first step that creates
+    the optimizer state), its kernel-launching ops counted. AdamW runs its for-each path, as on CUDA."""
+    options = argparse.Namespace(**{**vars(options), "device": "cpu"})
+    bench = build(options, optimizer_args=("foreach=True",) if options.optimizer_type == "AdamW" else ())
+    train_step(bench)
+    result = {"model": options.model, "network_dim": options.network_dim, "optimizer": options.optimizer_type,
+              "gradient_checkpointing": not options.no_gradient_checkpointing, **count_launches(_step(bench))}
+    emit(result, launch_summary(result), options.json_out, report)
     return result
 
 

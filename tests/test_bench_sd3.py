@@ -137,3 +137,23 @@ def test_sd1_bench_still_runs_on_the_shared_helpers():
     assert result["tflop_per_step"] * 1e12 == pytest.approx(sum(result["flops_by_op"].values()), rel=1e-12)
     # Checkpointing (on by default) runs the forward twice, so a step executes more than the model's FLOPs.
     assert result["tflop_per_step"] > result["model_tflop_per_step"] > 0
+
+
+def test_launch_count_splits_the_step_into_phases_and_sees_the_checkpoint_recompute():
+    """--count_launches attributes ops to forward, backward (autograd's graph task) and the optimizer; turning
+    checkpointing on leaves the forward alone and moves one more forward of the blocks into backward."""
+    def count(*extra: str) -> dict:
+        return sd3_bench.run(sd3_bench.parse_args(["--model", "tiny", "--count_launches", *extra]), report=lambda _: None)[0]
+
+    config = sd3_bench.MODELS["tiny"].config
+    attentions = config.depth + len(config.x_block_self_attn_layers)  # joint attentions + MMDiT-X's attn2
+    checkpointed, plain = count(), count("--no_gradient_checkpointing")
+    for result in (checkpointed, plain):
+        assert result["launches_per_step"] == sum(result["launches_by_phase"].values())
+        assert set(result["launches_by_phase"]) == {"forward", "backward", "optimizer"}
+        assert result["launches_by_kind"]["forward"]["attention"] == attentions
+    assert plain["launches_by_kind"]["backward"]["attention"] == attentions  # one backward kernel each
+    assert checkpointed["launches_by_phase"]["forward"] == plain["launches_by_phase"]["forward"]
+    recompute = checkpointed["launches_by_phase"]["backward"] - plain["launches_by_phase"]["backward"]
+    assert 0.5 * plain["launches_by_phase"]["forward"] < recompute < plain["launches_by_phase"]["forward"]
+    assert checkpointed["launches_by_kind"]["backward"]["attention"] == 2 * attentions  # recompute + backward

@@ -146,3 +146,16 @@ def test_checkpoint_recompute_adds_one_forward_of_every_block_that_backward_reac
 def test_a_resolution_the_vae_cannot_make_is_refused():
     with pytest.raises(ValueError, match="--resolution 1020 is not a multiple of 8"):
         sd_bench.run(sd_bench.parse_args([*TINY, "--resolution", "1020"]), report=lambda _: None)
+
+
+def test_launch_count_runs_the_narrow_stand_in_of_the_chosen_unet():
+    """--count_launches keeps the U-Net's levels and transformer depths and narrows only widths (SDXL's vector y
+    keeps its six size embeddings); one attention per transformer block in the forward."""
+    result = sd_bench.run(sd_bench.parse_args(["--model", "tiny_sdxl", "--count_launches"]), report=lambda _: None)
+    narrow = sd_bench.narrow(sd_bench.MODELS["tiny_sdxl"])
+    original = sd_bench.MODELS["tiny_sdxl"].config
+    assert narrow.config.transformer_depth == original.transformer_depth and narrow.config.model_channels == 32
+    assert narrow.config.adm_in_channels - narrow.pooled_dim == original.adm_in_channels - sd_bench.MODELS["tiny_sdxl"].pooled_dim
+    transformer_blocks = sum(1 for module in SdxlUNet(narrow.config).modules() if type(module).__name__ == "BasicTransformerBlock")
+    assert result["launches_by_kind"]["forward"]["attention"] == 2 * transformer_blocks  # self- and cross-attention
+    assert result["launches_per_step"] == sum(result["launches_by_phase"].values())

@@ -90,6 +90,44 @@ def test_forward_adds_up_down_times_multiplier_and_alpha_over_rank():
     assert lora.scale == 0.5 and float(lora.alpha) == 2.0
 
 
+@pytest.mark.parametrize("shape", [(3, 6), (2, 3, 6), (2, 2, 3, 6)], ids=["2d", "tokens", "4d"])
+def test_linear_lora_is_one_fused_add_with_the_same_values_and_gradients(shape):
+    """A Linear LoRA adds s * lx @ up^T inside one addmm (no separate mul and add kernels); values and
+    gradients equal the plain formula, and under bf16 autocast the output stays bf16."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if not func.is_view:
+                self.names.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 5)
+    lora = LoRAModule("lora_test", layer, multiplier=0.75, lora_dim=4, alpha=2.0)
+    nn.init.normal_(lora.lora_up.weight)
+    lora.apply_to()
+    x = torch.randn(shape, requires_grad=True)
+    with Ops() as ops:
+        out = layer(x)
+    assert ops.names.count("mul") == 0 and ops.names.count("add") == 0 and "addmm" in ops.names
+    down, up = lora.lora_down.weight, lora.lora_up.weight
+    expected = x @ layer.weight.T + layer.bias + (x @ down.T @ up.T) * 0.75 * 0.5
+    torch.testing.assert_close(out, expected)
+    grads = torch.autograd.grad(out.square().sum(), (x, down, up))
+    expected_grads = torch.autograd.grad(expected.square().sum(), (x, down, up))
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = layer(x)
+    assert half.dtype == torch.bfloat16 and half.shape == expected.shape
+    torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
+
+
 @pytest.mark.parametrize("alpha", [None, 0, torch.tensor(0.0)])
 def test_missing_alpha_means_alpha_equals_rank(alpha):
     lora = LoRAModule("lora_test", nn.Linear(6, 5), lora_dim=4, alpha=alpha)
