@@ -84,7 +84,7 @@ class ModelProfile:
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Every tensor's shape and dtype from a .safetensors header."""
-    if path.suffix != ".safetensors" or not path.is_file():
+    if path.suffix.lower() != ".safetensors" or not path.is_file():
         raise CheckpointError(f"{path}: the memory estimate reads single .safetensors files (headers only)")
     try:
         with safe_open(str(path), framework="pt") as handle:

@@ -361,6 +361,8 @@ def _check_block_selection(ranks: RankPlan, layers: Sequence[TargetLayer]) -> No
 
 
 def _text_encoder_lrs(text_encoder_lr: float | Sequence[float] | None, count: int, default_lr: float | None) -> list[float | None]:
+    if count == 0:  # nothing to spread the rates over (e.g. a dry run that could not read the model's header)
+        return []
     if text_encoder_lr is None or (isinstance(text_encoder_lr, (list, tuple)) and not text_encoder_lr):
         return [default_lr] * count
     if not isinstance(text_encoder_lr, (list, tuple)):

@@ -83,8 +83,8 @@ def factorize(delta: Tensor, max_rank: int, *, method: str | None = None, param:
     `alpha` for a fixed alpha, or `scale` for alpha = scale * rank (keeps a LoRA's alpha/rank ratio when
     the rank is chosen from the data); neither means alpha = rank. The singular values are split evenly (sqrt each side)
     so neither factor dwarfs the other, which keeps later training on them well conditioned.
-    `clamp_quantile` (extraction) clips the factors' entries at that quantile of their magnitudes,
-    taming outliers from tiny differences between checkpoints.
+    `clamp_quantile` (extraction) clips the entries of U diag(s) and Vh at that quantile of their values,
+    as sd-scripts does, taming outliers from tiny differences between checkpoints.
     """
     matrix = delta.reshape(delta.shape[0], -1).float()
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
@@ -119,16 +119,30 @@ def _truncate(u: Tensor, s: Tensor, vh: Tensor, shape: tuple[int, ...], max_rank
     if alpha is not None and scale is not None:
         raise ValueError("give alpha or scale, not both")
     alpha = float(alpha) if alpha is not None else float(rank) * (1.0 if scale is None else scale)
-    root = s[:rank].sqrt()
-    scale = alpha / rank
-    up = u[:, :rank] * root / scale**0.5
-    down = root[:, None] * vh[:rank] / scale**0.5
+    up, down = u[:, :rank] * s[:rank], vh[:rank]  # dW ≈ up @ down: the factors extraction clamps (as sd-scripts)
     if clamp_quantile is not None and clamp_quantile < 1:
-        both = torch.cat([up.flatten(), down.flatten()]).abs()
-        limit = float(torch.quantile(both[: 1 << 24], clamp_quantile))  # torch.quantile caps its input size
-        up, down = up.clamp(-limit, limit), down.clamp(-limit, limit)
+        up, down = _clamp_at_quantile(up, down, clamp_quantile)
+    # Move sqrt(s) of each direction from up to down, so neither factor dwarfs the other (the product is unchanged).
+    root = s[:rank].sqrt()
+    nonzero = root > 0
+    up = torch.where(nonzero, up / torch.where(nonzero, root, 1.0), 0.0)
+    down = down * root[:, None]
+    scale = alpha / rank
+    up, down = up / scale**0.5, down / scale**0.5
     kernel = shape[2:]
     if kernel:
         down = down.reshape(rank, *shape[1:])
         up = up.reshape(shape[0], rank, *([1] * len(kernel)))
     return LowRank(down=down.contiguous(), up=up.contiguous(), alpha=alpha, singular_values=s)
+
+
+_QUANTILE_SAMPLE = 1 << 24  # torch.quantile refuses larger inputs
+
+
+def _clamp_at_quantile(up: Tensor, down: Tensor, quantile: float) -> tuple[Tensor, Tensor]:
+    """Clip both factors' entries to [-q, q], q the `quantile` of all their values together (sd-scripts'
+    --clamp_quantile rule); very large factors are sampled evenly for the quantile."""
+    values = torch.cat([up.flatten(), down.flatten()])
+    step = -(-values.numel() // _QUANTILE_SAMPLE)
+    limit = float(torch.quantile(values[::step], quantile))
+    return up.clamp(-limit, limit), down.clamp(-limit, limit)

@@ -163,3 +163,21 @@ def test_dry_run_reports_the_errors_a_real_run_reports(tiny_sd3_checkpoints, sd3
     with pytest.raises(SystemExit):
         sd3_train_network.main(argv)
     assert "color_aug" in capsys.readouterr().err
+
+
+def test_a_model_without_a_safetensors_header_still_gets_a_plan(tiny_sd1_checkpoint, tokenizer_cache_dir, tmp_path,
+                                                                 plans, no_model_loading, capsys):
+    """A .ckpt has no header to read: the dry run says what it cannot report (model sizes, memory, the text
+    encoders' groups) instead of failing, --text_encoder_lr included."""
+    import torch
+    from safetensors.torch import load_file
+
+    checkpoint = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(str(tiny_sd1_checkpoint))}, checkpoint)
+    dataset = two_bucket_dataset(tmp_path / "data")
+    train_network.main(base_argv(checkpoint, tokenizer_cache_dir, dataset, tmp_path / "out", "--text_encoder_lr=5e-5",
+                                 "--dry_run"))
+    out = capsys.readouterr().out
+    assert plans[-1].profile is None and plans[-1].memory is None
+    assert "not read: " in out and "model.ckpt" in out and "text-encoder groups unknown" in out
+    assert [group.description for group in plans[-1].lr_groups] == ["unet"]
