@@ -22,7 +22,7 @@ import argparse
 import logging
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,17 +35,11 @@ from torch import Tensor
 from library.console import exit_on_user_error
 from library.metadata import modelspec_metadata
 from library.models.checkpoint import load_state_dict
-from library.saving import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, save_lora_file
-from networks.lora_checkpoint_map import (
-    FAMILY_LABELS,
-    LoRACheckpointMap,
-    base_model_facts,
-    map_checkpoint,
-)
-from networks.lora_modules import ALPHA_KEY, DOWN_KEY, UP_KEY
+from library.saving import save_lora_file
+from networks.lora_checkpoint_map import FAMILY_LABELS, LoRACheckpointMap, base_model_facts, map_checkpoint
+from networks.lora_modules import FactoredModule, lora_state_dict, network_rank_metadata
 from networks.lora_svd import factorize
-from networks.merge_lora import network_rank_metadata
-from networks.tool_flags import PRECISIONS, parse_device
+from networks.tool_flags import PRECISIONS, add_family_flags, check_save_to, given_family_flags, parse_device, plural
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +72,7 @@ class ExtractConfig:
             raise ValueError(f"--clamp_quantile {self.clamp_quantile}: a quantile in (0, 1]; 1 turns clamping off")
         if self.min_diff < 0:
             raise ValueError(f"--min_diff {self.min_diff}: a difference is at least 0")
-        if self.save_to.suffix.lower() not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
-            raise ValueError(f"--save_to {self.save_to}: must end in .safetensors, .ckpt or .pt")
+        check_save_to(self.save_to)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExtractConfig:
@@ -92,20 +85,6 @@ class ExtractConfig:
             org_device=parse_device(args.load_original_model_to, "--load_original_model_to"),
             tuned_device=parse_device(args.load_tuned_model_to, "--load_tuned_model_to"),
             v_parameterization=args.v_parameterization, write_metadata=not args.no_metadata)
-
-
-@dataclass(frozen=True)
-class ExtractedModule:
-    name: str
-    down: Tensor
-    up: Tensor
-    alpha: float
-    is_spatial_conv: bool
-    retained_fro: float  # share of ||tuned - org||_F the factors keep (before clamping)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
 
 
 # ----------------------------------------------------------------------------- the two checkpoints
@@ -152,31 +131,29 @@ def _difference(pair: CheckpointPair, name: str, load_dtype: torch.dtype | None,
 
 
 # ----------------------------------------------------------------------------- which layers, then SVD
-def select_layers(pair: CheckpointPair, ranks: Mapping[str, int], config: ExtractConfig) -> list[str]:
-    """The names to extract: the denoiser's layers that differ at all, and every layer of each text encoder
-    one of whose layers differs by more than --min_diff."""
-    largest: dict[str, float] = {}
-    for name in ranks:
-        largest[name] = float(_difference(pair, name, config.load_dtype, config.device).abs().max())
-    selected = [name for name in ranks if name.startswith(DENOISER_PREFIX) and largest[name] > 0]
-    encoders: dict[str, list[str]] = {}
-    for name in ranks:
-        if not name.startswith(DENOISER_PREFIX):
-            encoders.setdefault(pair.lora_map.slots[name].model_label, []).append(name)
-    for label, names in encoders.items():
-        difference = max(largest[name] for name in names)
-        if difference > config.min_diff:
-            logger.info("%s differs (largest change %.3g > --min_diff %g): extracted", label, difference, config.min_diff)
-            selected.extend(names)
-        else:
-            logger.info("%s is unchanged (largest change %.3g <= --min_diff %g): not extracted", label, difference,
+def layer_differences(pair: CheckpointPair, names: Sequence[str], config: ExtractConfig) -> Iterator[tuple[str, Tensor]]:
+    """(name, tuned - org) of each layer to extract, each difference computed once: the denoiser's layers that
+    differ at all, and every layer of each text encoder one of whose layers differs by more than --min_diff (an
+    encoder's differences are held until all of them are computed, so at most one encoder's at a time)."""
+    parts: dict[str, list[str]] = {}
+    for name in names:
+        parts.setdefault(pair.lora_map.slots[name].model_label, []).append(name)
+    for label, part_names in parts.items():
+        if part_names[0].startswith(DENOISER_PREFIX):
+            for name in part_names:
+                difference = _difference(pair, name, config.load_dtype, config.device)
+                if float(difference.abs().max()) > 0:
+                    yield name, difference
+            continue
+        differences = {name: _difference(pair, name, config.load_dtype, config.device) for name in part_names}
+        largest = max(float(difference.abs().max()) for difference in differences.values())
+        if largest <= config.min_diff:
+            logger.info("%s is unchanged (largest change %.3g <= --min_diff %g): not extracted", label, largest,
                         config.min_diff)
-    if not selected:
-        raise ValueError(
-            f"--model_org {config.model_org} and --model_tuned {config.model_tuned}: no differences to extract (the "
-            f"{_denoiser_label(pair)} is identical in every LoRA target layer and no text encoder differs by more than "
-            f"--min_diff {config.min_diff}); are they the same model?")
-    return selected
+            continue
+        logger.info("%s differs (largest change %.3g > --min_diff %g): extracted", label, largest, config.min_diff)
+        for name in part_names:
+            yield name, differences.pop(name)
 
 
 def _denoiser_label(pair: CheckpointPair) -> str:
@@ -184,24 +161,29 @@ def _denoiser_label(pair: CheckpointPair) -> str:
 
 
 @torch.no_grad()
-def extract_modules(pair: CheckpointPair, config: ExtractConfig) -> list[ExtractedModule]:
-    """The LoRA modules of `config` for the difference between the two checkpoints."""
+def extract_modules(pair: CheckpointPair, config: ExtractConfig) -> list[FactoredModule]:
+    """The LoRA modules of `config` for the difference between the two checkpoints (text encoders first, as
+    training writes them). `retained_fro` is the share of ||tuned - org||_F the factors keep before clamping."""
     ranks = {name: rank for name, rank in pair.lora_map.default_ranks(config.dim, config.conv_dim).items()
              if name in pair.shared_names}
     clamp = config.clamp_quantile if config.clamp_quantile < 1 else None
     modules = []
-    for name in select_layers(pair, ranks, config):
-        low = factorize(_difference(pair, name, config.load_dtype, config.device), ranks[name], clamp_quantile=clamp)
-        modules.append(ExtractedModule(name, low.down.cpu(), low.up.cpu(), low.alpha,
-                                       pair.lora_map.slots[name].is_conv_kxk, low.retained_fro))
+    for name, difference in layer_differences(pair, list(ranks), config):
+        low = factorize(difference, ranks[name], clamp_quantile=clamp)
+        modules.append(FactoredModule(name, low.down.cpu(), low.up.cpu(), low.alpha, low.retained_fro))
+    if not modules:
+        raise ValueError(
+            f"--model_org {config.model_org} and --model_tuned {config.model_tuned}: no differences to extract (the "
+            f"{_denoiser_label(pair)} is identical in every LoRA target layer and no text encoder differs by more than "
+            f"--min_diff {config.min_diff}); are they the same model?")
     return modules
 
 
-def extracted_metadata(modules: list[ExtractedModule], lora_map: LoRACheckpointMap, config: ExtractConfig) -> dict[str, str]:
+def extracted_metadata(modules: list[FactoredModule], lora_map: LoRACheckpointMap, config: ExtractConfig) -> dict[str, str]:
     """sd-scripts' extraction metadata: the network's ranks and base model always, modelspec unless --no_metadata."""
     v_parameterization = config.v_parameterization if config.v_parameterization is not None else lora_map.family == "sd2"
     facts = base_model_facts(lora_map.family, lora_map.variant, v_parameterization)
-    metadata = network_rank_metadata((module.rank, module.alpha, module.is_spatial_conv) for module in modules)
+    metadata = network_rank_metadata(modules)
     metadata.update(ss_v2=str(facts.v2), ss_base_model_version=facts.base_model_version)
     if config.write_metadata:
         metadata.update(modelspec_metadata(
@@ -210,7 +192,7 @@ def extracted_metadata(modules: list[ExtractedModule], lora_map: LoRACheckpointM
     return metadata
 
 
-def extract(config: ExtractConfig, family_hints: Sequence[tuple[str, str]] = ()) -> list[ExtractedModule]:
+def extract(config: ExtractConfig, family_hints: Sequence[tuple[str, str]] = ()) -> list[FactoredModule]:
     """Read both checkpoints, extract, and write `config.save_to` atomically; returns the modules written.
     `family_hints`: (flag, family) of the --v2 / --sdxl flags given, which only draw a warning when wrong."""
     pair = load_pair(config)
@@ -220,17 +202,15 @@ def extract(config: ExtractConfig, family_hints: Sequence[tuple[str, str]] = ())
     logger.info("%s checkpoints; extracting rank %d%s", pair.lora_map.family_label, config.dim,
                 f", 3x3 conv rank {config.conv_dim}" if config.conv_dim else "")
     modules = extract_modules(pair, config)
+    text_encoder_modules = sum(not module.name.startswith(DENOISER_PREFIX) for module in modules)
     least = min(modules, key=lambda module: module.retained_fro)
-    logger.info("%d modules; Frobenius norm of the difference kept before clamping: mean %.2f%%, min %.2f%% (%s)",
-                len(modules), 100 * sum(m.retained_fro for m in modules) / len(modules), 100 * least.retained_fro,
-                least.name)
-    tensors = {}
-    for module in modules:
-        tensors[f"{module.name}.{DOWN_KEY}"] = module.down
-        tensors[f"{module.name}.{UP_KEY}"] = module.up
-        tensors[f"{module.name}.{ALPHA_KEY}"] = torch.tensor(module.alpha)
+    logger.info("extracted %s, %s; Frobenius norm of the difference kept before clamping: mean %.2f%%, min %.2f%% "
+                "(%s)", plural(text_encoder_modules, "text-encoder module"),
+                plural(len(modules) - text_encoder_modules, f"{_denoiser_label(pair)} module"),
+                100 * sum(m.retained_fro for m in modules) / len(modules), 100 * least.retained_fro, least.name)
     logger.info("saving %s", config.save_to)
-    save_lora_file(config.save_to, tensors, extracted_metadata(modules, pair.lora_map, config), dtype=config.save_dtype)
+    save_lora_file(config.save_to, lora_state_dict(modules), extracted_metadata(modules, pair.lora_map, config),
+                   dtype=config.save_dtype)
     return modules
 
 
@@ -265,19 +245,14 @@ def setup_parser() -> argparse.ArgumentParser:
                       help="write no modelspec metadata (sd-scripts' minimum ss_* keys are kept)")
     meta.add_argument("--v_parameterization", action="store_true", default=None,
                       help="the models predict v: recorded in the metadata (default: on for SD2, as sd-scripts)")
-    compat = parser.add_argument_group("compatibility (the family is read from the checkpoints)")
-    compat.add_argument("--v2", action="store_true", help="accepted for sd-scripts command lines; SD2 is detected")
-    compat.add_argument("--sdxl", action="store_true", help="accepted for sd-scripts command lines; SDXL is detected")
+    add_family_flags(parser, "the checkpoints")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = setup_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    hints = [(flag, family) for flag, family, given in (("--v2", "sd2", args.v2), ("--sdxl", "sdxl", args.sdxl))
-             if given]
-    exit_on_user_error(lambda: extract(ExtractConfig.from_args(args), hints), (ValueError, OSError))
+    exit_on_user_error(lambda: extract(ExtractConfig.from_args(args), given_family_flags(args)), (ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ So a name here is exactly the name training writes, and a key exactly what the l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +195,7 @@ class LoRACheckpointMap:
         """LoRA name -> rank for the modules `--network_dim dim [--network_args conv_dim=...]` trains, as
         networks.lora's create_network picks them (T5 and SD3's embedders stay off, as by default)."""
         network_args = {} if conv_dim is None else {"conv_dim": str(conv_dim), "conv_alpha": str(conv_dim)}
-        with torch.device("meta"):
+        with torch.device("meta"), _quiet(create_network.__module__):  # its count line is not what a tool writes
             network = create_network(1.0, dim, dim, None, self._text_encoders, self._denoiser, **network_args)
         modules = network.text_encoder_loras + network.unet_loras
         return {lora.lora_name: lora.lora_dim for lora in modules if lora.lora_name in self.slots}
@@ -202,6 +203,18 @@ class LoRACheckpointMap:
     def unmatched(self, names: Iterable[str]) -> list[str]:
         """The names among `names` that address no layer of this checkpoint, sorted."""
         return sorted(set(names) - self.slots.keys())
+
+
+@contextmanager
+def _quiet(logger_name: str) -> Iterator[None]:
+    """Within the block, the logger `logger_name` lets through warnings and errors only."""
+    quieted = logging.getLogger(logger_name)
+    level = quieted.level
+    quieted.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        quieted.setLevel(level)
 
 
 def map_checkpoint(shapes: Mapping[str, Sequence[int]], source: str) -> LoRACheckpointMap:
@@ -350,11 +363,12 @@ def map_with_text_encoder_files(shapes: Mapping[str, Sequence[int]], source: str
 
 
 # ----------------------------------------------------------------------------- guessing a LoRA's family
+_SDXL_OR_SD3 = "SDXL or SD3"
 _NAME_FAMILIES = (
     (("lora_unet_joint_blocks_", "lora_te3_"), "SD3/SD3.5"),
     (("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"), "SDXL"),
     (("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_", "lora_te_"), "SD1.x/SD2.x"),
-    (("lora_te1_", "lora_te2_"), "SDXL or SD3"),
+    (("lora_te1_", "lora_te2_"), _SDXL_OR_SD3),
 )
 
 
@@ -365,6 +379,15 @@ def guess_lora_family(names: Iterable[str]) -> str | None:
         if any(name.startswith(prefixes) for name in names):
             return family
     return None
+
+
+def lora_families_differ(first: str | None, second: str | None) -> bool:
+    """Whether two guesses of `guess_lora_family` rule each other out. "SDXL or SD3" (text-encoder modules
+    only) agrees with either; an unknown guess (None) rules out nothing."""
+    if first is None or second is None:
+        return False
+    open_guesses = {_SDXL_OR_SD3: {"SDXL", "SD3/SD3.5"}}
+    return not open_guesses.get(first, {first}) & open_guesses.get(second, {second})
 
 
 # ----------------------------------------------------------------------------- base-model metadata

@@ -26,13 +26,13 @@ LoRA + LoRA (no `--sd_model`), two exact ways:
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
@@ -47,12 +47,7 @@ from library.metadata import IMPLEMENTATION_DIFFUSERS, modelspec_metadata
 from library.models.checkpoint import load_state_dict
 from library.models.loading_common import errors_naming
 from library.models.sd3_loading import ENCODERS as SD3_TEXT_ENCODERS
-from library.saving import (
-    PICKLE_SUFFIXES,
-    SAFETENSORS_SUFFIX,
-    save_lora_file,
-    save_tensors,
-)
+from library.saving import SAFETENSORS_SUFFIX, save_lora_file, save_tensors
 from networks.lora import lora_delta_weight
 from networks.lora_checkpoint_map import (
     FAMILY_LABELS,
@@ -63,23 +58,24 @@ from networks.lora_checkpoint_map import (
     base_model_facts,
     facts_for_base_version,
     guess_lora_family,
+    lora_families_differ,
     map_with_text_encoder_files,
     read_separate_text_encoder,
 )
 from networks.lora_modules import (
-    ALPHA_KEY,
-    DOWN_KEY,
-    UP_KEY,
+    FactoredModule,
     LoRAModuleWeights,
+    lora_state_dict,
+    network_rank_metadata,
+    rank_span,
     read_tensor_file,
     split_lora_modules,
 )
 from networks.lora_svd import factorize_lora
-from networks.tool_flags import PRECISIONS, parse_device
+from networks.tool_flags import PRECISIONS, add_family_flags, check_save_to, given_family_flags, parse_device, plural
 
 logger = logging.getLogger(__name__)
 
-NETWORK_MODULE = "networks.lora"
 _SHOWN_NAMES = 3
 
 
@@ -106,8 +102,8 @@ def read_loras(paths: Sequence[Path], ratios: Sequence[float]) -> list[WeightedL
         tensors, metadata = read_tensor_file(Path(path), "--models")
         modules, others = split_lora_modules(tensors, f"--models {path}")
         if others:
-            logger.warning("%s: %d tensors outside the LoRA modules are ignored (first: %s)", path, len(others),
-                           next(iter(others)))
+            logger.warning("%s: %s outside the LoRA modules ignored (first: %s)", path,
+                           plural(len(others), "tensor"), next(iter(others)))
         loras.append(WeightedLoRA(Path(path), float(ratio), modules, dict(metadata or {})))
     return loras
 
@@ -157,7 +153,7 @@ def _unmatched_message(lora: WeightedLoRA, unmatched: list[str], lora_map: LoRAC
                                                    if len(unmatched) > _SHOWN_NAMES else "")
     guess = guess_lora_family(unmatched)
     hint = f"; the names look like a {guess} LoRA" if guess else ""
-    return (f"--models {lora.path}: {len(unmatched)} of {len(lora.modules)} LoRA modules match no layer of the "
+    return (f"--models {lora.path}: {len(unmatched)} of {plural(len(lora.modules), 'LoRA module')} match no layer of the "
             f"{lora_map.family_label} checkpoint {lora_map.source} (which holds {', '.join(lora_map.models_present)}): "
             f"{shown}{hint}")
 
@@ -170,7 +166,7 @@ def _absent_encoder_message(lora: WeightedLoRA, unmatched: list[str], lora_map: 
     if not missing or sum(count for _, count in missing) != len(unmatched):
         return None
     flags = " ".join(f"--{encoder.separate_file} FILE" for encoder, _ in missing)
-    counts = " and ".join(f"{count} {encoder.lora_prefix}* modules" for encoder, count in missing)
+    counts = " and ".join(plural(count, f"{encoder.lora_prefix}* module") for encoder, count in missing)
     labels = " or ".join(encoder.label for encoder, _ in missing)
     return f"--models {lora.path}: add {flags} (the LoRA has {counts}, and {lora_map.source} holds no {labels})"
 
@@ -219,9 +215,10 @@ def merge_into_checkpoint(sd_model: Path, loras: Sequence[WeightedLoRA], save_to
         touched.add(owner)
     if rounded_to_fp8:
         # float8 keeps 3 mantissa bits: a LoRA's small change mostly rounds away
-        logger.warning("%d merged tensors are stored in float8 and were rounded back to it, which loses most of a "
-                       "LoRA's change; add --save_precision fp16/bf16/float to keep it", rounded_to_fp8)
-    logger.info("merged %d LoRA modules into %d tensors", sum(map(len, placements.values())), len(placements))
+        logger.warning("%s stored in float8, so rounded back to it, which loses most of a LoRA's change; "
+                       "add --save_precision fp16/bf16/float to keep it", plural(rounded_to_fp8, "merged tensor"))
+    logger.info("merged %s into %s", plural(sum(map(len, placements.values())), "LoRA module"),
+                plural(len(placements), "tensor"))
     metadata = _checkpoint_metadata(sd_model, lora_map, loras, save_to) if write_metadata else None
     logger.info("saving %s", save_to)
     save_tensors(save_to, state_dict, metadata, dtype=save_dtype)
@@ -300,20 +297,18 @@ def _modelspec(facts: BaseModelFacts | None, architecture_suffix: str, save_to: 
 
 
 # ----------------------------------------------------------------------------- LoRA + LoRA
-@dataclass(frozen=True)
-class MergedModule:
-    """One module of a merged LoRA: dW = up @ down * alpha / rank."""
-
-    name: str
-    down: Tensor
-    up: Tensor
-    alpha: float
-    is_spatial_conv: bool
-    retained_fro: float = 1.0  # share of the summed change's Frobenius norm kept (below 1 only with --new_rank)
-
-    @property
-    def rank(self) -> int:
-        return self.down.shape[0]
+def check_one_model(loras: Sequence[WeightedLoRA]) -> None:
+    """Refuse LoRAs for different models, which would merge into a file of mixed modules: their module names
+    point to different families, or both files' ss_base_model_version name different base models."""
+    families = [guess_lora_family(lora.modules) for lora in loras]
+    for (first, first_family), (second, second_family) in combinations(zip(loras, families), 2):
+        if lora_families_differ(first_family, second_family):
+            raise ValueError(f"--models {first.path} ({first_family} LoRA) and {second.path} ({second_family} LoRA), "
+                             "by their module names: LoRAs of different model families cannot be merged into one")
+        versions = [lora.metadata.get("ss_base_model_version") for lora in (first, second)]
+        if None not in versions and versions[0] != versions[1]:
+            raise ValueError(f"--models {first.path} (ss_base_model_version {versions[0]}) and {second.path} "
+                             f"({versions[1]}): LoRAs of different base models cannot be merged into one")
 
 
 def stack_modules(name: str, contributions: Sequence[tuple[LoRAModuleWeights, float, Path]],
@@ -342,7 +337,7 @@ def stack_modules(name: str, contributions: Sequence[tuple[LoRAModuleWeights, fl
 @torch.no_grad()
 def merge_lora_modules(loras: Sequence[WeightedLoRA], *, new_rank: int | None = None, new_conv_rank: int | None = None,
                        shuffle: bool = False, compute_dtype: torch.dtype = torch.float32,
-                       device: str = "cpu") -> list[MergedModule]:
+                       device: str = "cpu") -> list[FactoredModule]:
     """One module per name found in any input (in first-seen order), stacked or, with `new_rank`, re-factored."""
     by_name: dict[str, list[tuple[LoRAModuleWeights, float, Path]]] = {}
     for lora in loras:
@@ -356,57 +351,25 @@ def merge_lora_modules(loras: Sequence[WeightedLoRA], *, new_rank: int | None = 
             logger.info("%s: every LoRA holding it has ratio 0; left out", name)
             continue
         down, up = stack_modules(name, contributions, compute_dtype, device)
-        spatial = contributions[0][0].is_spatial_conv
         if new_rank is not None:
-            rank = (new_conv_rank or new_rank) if spatial else new_rank
+            rank = (new_conv_rank or new_rank) if contributions[0][0].is_spatial_conv else new_rank
             low = factorize_lora(down, up, 1.0, min(rank, down.shape[0]))
-            merged.append(MergedModule(name, low.down.cpu(), low.up.cpu(), low.alpha, spatial, low.retained_fro))
+            merged.append(FactoredModule(name, low.down.cpu(), low.up.cpu(), low.alpha, low.retained_fro))
             continue
         if shuffle:  # a permutation of the ranks; the change is the same
             order = torch.randperm(down.shape[0], device=down.device)
             down, up = down[order], up[:, order]
-        merged.append(MergedModule(name, down.cpu(), up.cpu(), float(down.shape[0]), spatial))
+        merged.append(FactoredModule(name, down.cpu(), up.cpu(), float(down.shape[0])))
     return merged
-
-
-def merged_tensors(modules: Iterable[MergedModule]) -> dict[str, Tensor]:
-    tensors = {}
-    for module in modules:
-        tensors[f"{module.name}.{DOWN_KEY}"] = module.down.contiguous()
-        tensors[f"{module.name}.{UP_KEY}"] = module.up.contiguous()
-        tensors[f"{module.name}.{ALPHA_KEY}"] = torch.tensor(module.alpha)
-    return tensors
-
-
-def network_rank_metadata(modules: Iterable[tuple[int, float, bool]]) -> dict[str, str]:
-    """ss_network_module / _dim / _alpha / _args for modules given as (rank, alpha, is 3x3 conv), as sd-scripts
-    writes them: dim and alpha describe the Linear and 1x1 modules, ss_network_args' conv_dim / conv_alpha the 3x3
-    ones; a value that differs between modules is "Dynamic"."""
-    modules = list(modules)
-    linear = [(rank, alpha) for rank, alpha, spatial in modules if not spatial]
-    conv = [(rank, alpha) for rank, alpha, spatial in modules if spatial]
-    network_args = {}
-    if conv:
-        network_args = {"conv_dim": _common([str(rank) for rank, _ in conv]),
-                        "conv_alpha": _common([str(float(alpha)) for _, alpha in conv])}
-    return {
-        "ss_network_module": NETWORK_MODULE,
-        "ss_network_dim": _common([str(rank) for rank, _ in linear]) if linear else "None",
-        "ss_network_alpha": _common([str(float(alpha)) for _, alpha in linear]) if linear else "None",
-        "ss_network_args": json.dumps(network_args),
-    }
-
-
-def _common(values: list[str]) -> str:
-    return values[0] if len(set(values)) == 1 else "Dynamic"
 
 
 def merge_lora_files(loras: Sequence[WeightedLoRA], save_to: Path, *, new_rank: int | None = None,
                      new_conv_rank: int | None = None, shuffle: bool = False,
                      compute_dtype: torch.dtype = torch.float32, save_dtype: torch.dtype | None = None,
-                     device: str = "cpu", write_metadata: bool = True) -> list[MergedModule]:
+                     device: str = "cpu", write_metadata: bool = True) -> list[FactoredModule]:
     """Write `save_to`: the LoRAs merged into one (see the module doc). `save_dtype` defaults to the dtype the
-    first input stores its weights in."""
+    first input stores its weights in. LoRAs for different models are refused (`check_one_model`)."""
+    check_one_model(loras)
     modules = merge_lora_modules(loras, new_rank=new_rank, new_conv_rank=new_conv_rank, shuffle=shuffle,
                                  compute_dtype=compute_dtype, device=device)
     if not modules:
@@ -415,27 +378,27 @@ def merge_lora_files(loras: Sequence[WeightedLoRA], save_to: Path, *, new_rank: 
     metadata = _lora_metadata(loras, modules, save_to, write_metadata)
     dtype = save_dtype or next(iter(loras[0].modules.values())).up.dtype
     logger.info("saving %s (%s)", save_to, str(dtype).removeprefix("torch."))
-    save_lora_file(save_to, merged_tensors(modules), metadata, dtype=dtype)
+    save_lora_file(save_to, lora_state_dict(modules), metadata, dtype=dtype)
     return modules
 
 
-def _report(modules: Sequence[MergedModule], factored: bool) -> None:
-    ranks = sorted({module.rank for module in modules})
-    span = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
+def _report(modules: Sequence[FactoredModule], factored: bool) -> None:
+    span = rank_span(module.rank for module in modules)
     if not factored:
-        logger.info("merged %d modules by stacking their ranks (rank %s); the merge is exact", len(modules), span)
+        logger.info("merged %s by stacking their ranks (rank %s); the merge is exact", plural(len(modules), "module"),
+                    span)
         return
     least = min(modules, key=lambda module: module.retained_fro)
     mean = sum(module.retained_fro for module in modules) / len(modules)
-    logger.info("merged %d modules at rank %s; Frobenius norm of the summed change kept: mean %.2f%%, min %.2f%% (%s)",
-                len(modules), span, 100 * mean, 100 * least.retained_fro, least.name)
+    logger.info("merged %s at rank %s; Frobenius norm of the summed change kept: mean %.2f%%, min %.2f%% (%s)",
+                plural(len(modules), "module"), span, 100 * mean, 100 * least.retained_fro, least.name)
 
 
-def _lora_metadata(loras: Sequence[WeightedLoRA], modules: Sequence[MergedModule], save_to: Path,
+def _lora_metadata(loras: Sequence[WeightedLoRA], modules: Sequence[FactoredModule], save_to: Path,
                    write_modelspec: bool) -> dict[str, str]:
     """sd-scripts' minimum LoRA metadata (kept with --no_metadata) and, unless --no_metadata, a modelspec whose
     merged_from lists the inputs; the base model is the first input's that names one."""
-    metadata = network_rank_metadata((module.rank, module.alpha, module.is_spatial_conv) for module in modules)
+    metadata = network_rank_metadata(modules)
     for key in ("ss_v2", "ss_base_model_version"):
         value = next((lora.metadata[key] for lora in loras if key in lora.metadata), None)
         if value is not None:
@@ -474,18 +437,18 @@ class MergeConfig:
             raise ValueError("--models: give one or more LoRA files to merge")
         if args.save_to is None:
             raise ValueError("--save_to: give the file to write (.safetensors, .ckpt or .pt)")
-        if Path(args.save_to).suffix.lower() not in (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES):
-            raise ValueError(f"--save_to {args.save_to}: must end in .safetensors, .ckpt or .pt")
+        save_to = check_save_to(args.save_to)
         ratios = args.ratios if args.ratios else [1.0] * len(args.models)
         if len(ratios) != len(args.models):
-            raise ValueError(f"--ratios: {len(ratios)} values for {len(args.models)} --models; give one per model")
+            raise ValueError(f"--ratios: {plural(len(ratios), 'value')} for {len(args.models)} --models; give one "
+                             "per model")
         if args.lbws:
             raise ValueError("--lbws (per-block ratios) is not supported; merge with one --ratios value per model")
         _check_lora_flags(args)
         text_encoders = tuple((name, Path(getattr(args, name))) for name in SD3_TEXT_ENCODERS if getattr(args, name))
         if text_encoders and not args.sd_model:
             raise ValueError(f"--{text_encoders[0][0]}: only with --sd_model, to merge into an SD3/SD3.5 checkpoint")
-        return cls(models=tuple(Path(model) for model in args.models), ratios=tuple(ratios), save_to=Path(args.save_to),
+        return cls(models=tuple(Path(model) for model in args.models), ratios=tuple(ratios), save_to=save_to,
                    sd_model=Path(args.sd_model) if args.sd_model else None, text_encoders=text_encoders,
                    new_rank=args.new_rank,
                    new_conv_rank=args.new_conv_rank, shuffle=args.shuffle, compute_dtype=PRECISIONS[args.precision],
@@ -568,18 +531,14 @@ def setup_parser(prog: str | None = None, default_new_rank: int | None = None) -
     compute.add_argument("--precision", choices=list(PRECISIONS), default="float",
                          help="dtype of the merge arithmetic (default float; SVD is always float)")
     compute.add_argument("--device", default=None, help="where to compute, e.g. cuda (default: cpu)")
-    compat = parser.add_argument_group("compatibility (the family is read from the checkpoint)")
-    compat.add_argument("--v2", action="store_true", help="accepted for sd-scripts command lines; SD2 is detected")
-    compat.add_argument("--sdxl", action="store_true", help="accepted for sd-scripts command lines; SDXL is detected")
+    add_family_flags(parser, "the checkpoint")
     return parser
 
 
 def main(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> None:
     args = (parser or setup_parser()).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    hints = [(flag, family) for flag, family, given in (("--v2", "sd2", args.v2), ("--sdxl", "sdxl", args.sdxl))
-             if given]
-    exit_on_user_error(lambda: run(MergeConfig.from_args(args), hints), (ValueError, OSError))
+    exit_on_user_error(lambda: run(MergeConfig.from_args(args), given_family_flags(args)), (ValueError, OSError))
 
 
 if __name__ == "__main__":

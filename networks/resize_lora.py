@@ -19,7 +19,6 @@ leading values whose sum reaches that share of the total; sv_fro, the fewest tha
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -33,12 +32,14 @@ import torch
 from torch import Tensor
 
 from library.console import exit_on_user_error
-from library.saving import PICKLE_SUFFIXES, SAFETENSORS_SUFFIX, save_lora_file
-from networks.lora_modules import ALPHA_KEY, DOWN_KEY, UP_KEY, LoRAModuleWeights, read_tensor_file, split_lora_modules
+from library.saving import save_lora_file
+from networks import lora_modules
+from networks.lora_modules import FactoredModule, LoRAModuleWeights, network_rank_metadata, rank_span
 from networks.lora_svd import DYNAMIC_METHODS, check_dynamic_method, factorize_lora
-from networks.tool_flags import PRECISIONS, parse_device
+from networks.tool_flags import PRECISIONS, check_save_to, parse_device, plural
 
 logger = logging.getLogger(__name__)
+
 
 @dataclass(frozen=True)
 class ResizeConfig:
@@ -87,8 +88,12 @@ class ModuleResize:
 
 @dataclass(frozen=True)
 class ResizedLoRA:
-    tensors: dict[str, Tensor]  # float32 on the CPU; the caller picks the file's dtype
+    factored: list[FactoredModule]  # the new modules, float32 on the CPU; the caller picks the file's dtype
     modules: list[ModuleResize]
+
+    @property
+    def tensors(self) -> dict[str, Tensor]:
+        return lora_modules.lora_state_dict(self.factored)
 
     @property
     def mean_retained(self) -> float:
@@ -101,38 +106,33 @@ class ResizedLoRA:
 
 @torch.no_grad()
 def resize_modules(modules: dict[str, LoRAModuleWeights], config: ResizeConfig) -> ResizedLoRA:
-    """New down/up/alpha tensors for every module, and what each kept."""
-    tensors: dict[str, Tensor] = {}
+    """Every module factored again, and what each kept."""
+    factored = []
     report = []
     for name, module in modules.items():
         max_rank = min(config.max_rank_for(module), module.rank)
         low_rank = factorize_lora(module.down.to(config.device), module.up.to(config.device), module.scale, max_rank,
                                   method=config.dynamic_method, param=config.dynamic_param, scale=module.scale)
-        tensors[f"{name}.{DOWN_KEY}"] = low_rank.down.cpu()
-        tensors[f"{name}.{UP_KEY}"] = low_rank.up.cpu()
-        tensors[f"{name}.{ALPHA_KEY}"] = torch.tensor(low_rank.alpha)
-        report.append(ModuleResize(name=name, kind=module.kind, is_spatial_conv=module.is_spatial_conv, old_rank=module.rank, new_rank=low_rank.rank,
-                                   old_alpha=module.alpha_value, new_alpha=low_rank.alpha,
-                                   retained_fro=low_rank.retained_fro))
-    return ResizedLoRA(tensors=tensors, modules=report)
+        factored.append(FactoredModule(name, low_rank.down.cpu(), low_rank.up.cpu(), low_rank.alpha,
+                                       low_rank.retained_fro))
+        report.append(ModuleResize(name=name, kind=module.kind, is_spatial_conv=module.is_spatial_conv,
+                                   old_rank=module.rank, new_rank=low_rank.rank, old_alpha=module.alpha_value,
+                                   new_alpha=low_rank.alpha, retained_fro=low_rank.retained_fro))
+    return ResizedLoRA(factored=factored, modules=report)
 
 
 def resized_metadata(metadata: dict[str, str] | None, resized: ResizedLoRA, config: ResizeConfig) -> dict[str, str]:
     """The input's metadata with the network's dims, alphas and training comment updated as sd-scripts does.
 
     ss_network_dim / ss_network_alpha describe the Linear modules (3x3 convs live in ss_network_args'
-    conv_dim / conv_alpha): one value when they all share it, "Dynamic" when a dynamic method chose the
-    ranks or modules differ. Hashes are left for save_lora_file to recompute.
+    conv_dim / conv_alpha, written whenever there are such modules): one value when they all share it,
+    "Dynamic" when a dynamic method chose the ranks or modules differ. Hashes are left for save_lora_file to
+    recompute.
     """
     updated = {key: value for key, value in (metadata or {}).items() if not key.startswith("sshs_")}
     updated.pop("modelspec.hash_sha256", None)  # described the old tensors
-    linear = [m for m in resized.modules if not m.is_spatial_conv]
-    conv = [m for m in resized.modules if m.is_spatial_conv]
     dynamic = config.dynamic_method is not None
-    updated["ss_network_dim"] = _common_value([m.new_rank for m in linear], dynamic, updated.get("ss_network_dim"))
-    updated["ss_network_alpha"] = _common_value([m.new_alpha for m in linear], dynamic, updated.get("ss_network_alpha"))
-    if conv:
-        _update_conv_args(updated, conv, dynamic)
+    updated.update(network_rank_metadata(resized.factored, dynamic=dynamic, previous=updated))
     old_dim = max(m.old_rank for m in resized.modules)
     comment = updated.get("ss_training_comment", "")
     if dynamic:
@@ -144,39 +144,18 @@ def resized_metadata(metadata: dict[str, str] | None, resized: ResizedLoRA, conf
     return updated
 
 
-def _common_value(values: list[float], dynamic: bool, previous: str | None) -> str:
-    if not values:
-        return previous if previous is not None else "None"
-    if dynamic or len(set(values)) > 1:
-        return "Dynamic"
-    return str(values[0])
-
-
-def _update_conv_args(metadata: dict[str, str], conv: list[ModuleResize], dynamic: bool) -> None:
-    """Keep ss_network_args' conv_dim / conv_alpha true to the resized 3x3 modules (when the file has them)."""
-    try:
-        network_args = json.loads(metadata.get("ss_network_args", ""))
-    except ValueError:
-        return
-    if not isinstance(network_args, dict) or "conv_dim" not in network_args:
-        return
-    network_args["conv_dim"] = _common_value([m.new_rank for m in conv], dynamic, None)
-    network_args["conv_alpha"] = _common_value([m.new_alpha for m in conv], dynamic, None)
-    metadata["ss_network_args"] = json.dumps(network_args)
-
-
 def resize_file(model: Path, save_to: Path, config: ResizeConfig, save_precision: str | None = None) -> ResizedLoRA:
     """Read a LoRA file, resize every module, and write the result atomically with updated metadata.
 
     `save_precision` (float / fp16 / bf16) defaults to the dtype the input's LoRA weights are stored in.
     Tensors that belong to no LoRA module are copied unchanged.
     """
-    _check_save_path(save_to)
-    state_dict, metadata = read_tensor_file(model, "--model")
-    modules, others = split_lora_modules(state_dict, f"--model {model}")
+    check_save_to(save_to)
+    state_dict, metadata = lora_modules.read_tensor_file(model, "--model")
+    modules, others = lora_modules.split_lora_modules(state_dict, f"--model {model}")
     if others:
-        logger.info("%s: %d tensors outside the LoRA modules are copied unchanged (first: %s)", model, len(others),
-                    next(iter(others)))
+        logger.info("%s: %s outside the LoRA modules copied unchanged (first: %s)", model,
+                    plural(len(others), "tensor"), next(iter(others)))
     dtype = PRECISIONS[save_precision] if save_precision else next(iter(modules.values())).down.dtype
     if config.dynamic_method:
         logger.info("choosing ranks by %s %s, at most %d (conv %d)", config.dynamic_method, config.dynamic_param,
@@ -188,12 +167,6 @@ def resize_file(model: Path, save_to: Path, config: ResizeConfig, save_precision
     return resized
 
 
-def _check_save_path(save_to: Path) -> None:
-    allowed = (SAFETENSORS_SUFFIX, *PICKLE_SUFFIXES)
-    if Path(save_to).suffix.lower() not in allowed:
-        raise ValueError(f"--save_to {save_to}: must end in {', '.join(allowed)}")
-
-
 def format_report(resized: ResizedLoRA, verbose: bool) -> str:
     """Per-module lines (verbose) and a summary of ranks and the Frobenius norm kept."""
     lines = []
@@ -202,15 +175,11 @@ def format_report(resized: ResizedLoRA, verbose: bool) -> str:
         for m in resized.modules:
             lines.append(f"{m.name:{width}}  {m.kind:9}  rank {m.old_rank:>3} -> {m.new_rank:<3}  "
                          f"alpha {m.old_alpha:g} -> {m.new_alpha:g}  fro retained {m.retained_fro:.1%}")
-    ranks = sorted({m.new_rank for m in resized.modules})
     least = resized.least_retained
-    lines.append(f"resized {len(resized.modules)} modules to rank {_span(ranks)}; Frobenius norm retained: "
+    lines.append(f"resized {plural(len(resized.modules), 'module')} to rank "
+                 f"{rank_span(m.new_rank for m in resized.modules)}; Frobenius norm retained: "
                  f"mean {resized.mean_retained:.2%}, min {least.retained_fro:.2%} ({least.name})")
     return "\n".join(lines)
-
-
-def _span(values: list[int]) -> str:
-    return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
 
 
 def setup_parser() -> argparse.ArgumentParser:

@@ -92,6 +92,18 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
+def save_random_lora(models: FamilyModels, path: Path, ratio: float, seed: int = 1) -> list[Tensor]:
+    """Write a random LoRA over `models` (random_lora) to `path`; returns the outputs of the models with it applied
+    at run time at `ratio`, each of which the LoRA changes. The models keep the LoRA applied."""
+    base = outputs(models)
+    network = random_lora(models, seed)
+    network.set_multiplier(ratio)
+    expected = outputs(models)
+    assert all(relative_error(changed, plain) > 1e-3 for changed, plain in zip(expected, base))  # every model changes
+    network.save_weights(str(path), None, None)
+    return expected
+
+
 def lora_deltas(path: Path, ratio: float = 1.0) -> dict[str, Tensor]:
     """name -> ratio * up @ down * alpha / rank of a LoRA file, computed here with plain safetensors and torch
     (independently of the tools under test)."""

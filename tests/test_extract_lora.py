@@ -4,22 +4,17 @@ model, for every family; the text-encoder rule, identical models and mismatched 
 from __future__ import annotations
 
 import json
+import logging
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
-from family_loras import (
-    FAMILIES,
-    error_line,
-    family_checkpoint,
-    load_family,
-    lora_deltas,
-    outputs,
-    relative_error,
-)
+from family_loras import FAMILIES, error_line, family_checkpoint, load_family, lora_deltas, outputs, relative_error
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from networks import extract_lora_from_models
 from networks.extract_lora_from_models import ExtractConfig, extract, main
 from networks.lora import create_network, create_network_from_weights
 from networks.merge_lora import merge_into_checkpoint, read_loras
@@ -111,6 +106,36 @@ def test_text_encoders_below_min_diff_are_left_out(sd1_pair, tmp_path):
                                     min_diff=largest_text_change * 0.99))
     assert {module.name for module in modules} == names
     assert {module.rank for module in modules} == {1, 2}
+
+
+def test_each_difference_is_computed_once(sd1_pair, tmp_path, monkeypatch):
+    base, lora, tuned = sd1_pair
+    computed = Counter()
+    difference = extract_lora_from_models._difference
+
+    def counting(pair, name, *args):
+        computed[name] += 1
+        return difference(pair, name, *args)
+
+    monkeypatch.setattr(extract_lora_from_models, "_difference", counting)
+    modules = extract(ExtractConfig(model_org=base, model_tuned=tuned, save_to=tmp_path / "once.safetensors", dim=RANK,
+                                    conv_dim=2))
+    assert set(computed) == {module.name for module in modules} == set(lora_deltas(lora))
+    assert set(computed.values()) == {1}
+
+
+def test_the_log_counts_the_modules_extracted_not_the_stand_in_network(sd1_pair, tmp_path, caplog):
+    """The text encoder is left out here; the networks.lora line of the map's stand-in network counted it."""
+    base, lora, tuned = sd1_pair
+    largest_text_change = max(float(delta.abs().max()) for name, delta in lora_deltas(lora).items()
+                              if name.startswith("lora_te_"))
+    level = logging.getLogger("networks.lora").level
+    with caplog.at_level(logging.INFO):
+        modules = extract(ExtractConfig(model_org=base, model_tuned=tuned, save_to=tmp_path / "unet.safetensors",
+                                        dim=RANK, min_diff=largest_text_change * 1.01))
+    assert not [record for record in caplog.records if record.name == "networks.lora"]
+    assert logging.getLogger("networks.lora").level == level
+    assert f"extracted 0 text-encoder modules, {len(modules)} U-Net modules;" in caplog.text
 
 
 def test_identical_checkpoints_have_nothing_to_extract(request, tmp_path, capsys):

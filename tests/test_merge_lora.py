@@ -17,22 +17,17 @@ from family_loras import (
     outputs,
     random_lora,
     relative_error,
+    save_random_lora,
 )
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from library.models.checkpoint import load_state_dict
 from networks import svd_merge_lora
 from networks.lora import create_network
 from networks.lora_checkpoint_map import map_checkpoint
 from networks.lora_svd import factorize
-from networks.merge_lora import (
-    main,
-    merge_into_checkpoint,
-    merge_lora_files,
-    read_loras,
-    setup_parser,
-)
+from networks.merge_lora import main, merge_into_checkpoint, merge_lora_files, read_loras, setup_parser
 
 RATIO = 0.7
 
@@ -58,14 +53,8 @@ def _lora_file(request, family: str, folder: Path, seed: int = 1, **network_args
 @pytest.mark.parametrize("family", FAMILIES)
 def test_merged_checkpoint_computes_what_the_runtime_lora_computes(family, request, tmp_path):
     checkpoint = family_checkpoint(request, family)
-    models = load_family(family, checkpoint)
-    base = outputs(models)
-    network = random_lora(models, seed=1)
-    network.set_multiplier(RATIO)
-    expected = outputs(models)
-    assert all(relative_error(changed, plain) > 1e-3 for changed, plain in zip(expected, base))  # every model changes
     lora = tmp_path / "lora.safetensors"
-    network.save_weights(str(lora), None, None)
+    expected = save_random_lora(load_family(family, checkpoint), lora, RATIO)
 
     merged = tmp_path / "merged.safetensors"
     # SD3's CLIP-G (fp16) and T5 (fp8) would round the sum back to their storage dtypes; keep it exact here.
@@ -241,6 +230,53 @@ def test_svd_merge_at_a_lower_rank_is_the_best_truncation(two_loras, tmp_path):
     assert _metadata(out)["ss_network_dim"] in ("3", "Dynamic")
 
 
+def _plain_lora(request, family: str, path: Path, seed: int, metadata: dict[str, str] | None = None) -> Path:
+    """A random LoRA of `family` with only the metadata given (no ss_base_model_version unless in it)."""
+    random_lora(load_family(family, family_checkpoint(request, family)), seed).save_weights(str(path), None, metadata)
+    return path
+
+
+def test_loras_of_two_families_are_refused_naming_both(request, tmp_path, capsys):
+    sd1 = _plain_lora(request, "sd1", tmp_path / "sd1.safetensors", seed=1)
+    sdxl = _plain_lora(request, "sdxl", tmp_path / "sdxl.safetensors", seed=2)
+    out = tmp_path / "mixed.safetensors"
+    with pytest.raises(SystemExit):
+        main(["--models", str(sd1), str(sdxl), "--save_to", str(out)])
+    error = error_line(capsys.readouterr().err)
+    assert f"--models {sd1} (SD1.x/SD2.x LoRA) and {sdxl} (SDXL LoRA)" in error and "different model families" in error
+    with pytest.raises(SystemExit):  # the --new_rank path too (svd_merge_lora.py)
+        main(["--models", str(sdxl), str(sd1), "--save_to", str(out), "--new_rank", "2"])
+    assert f"--models {sdxl} (SDXL LoRA) and {sd1} (SD1.x/SD2.x LoRA)" in error_line(capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_loras_whose_metadata_names_different_base_models_are_refused(request, tmp_path):
+    """SD1 and SD2 LoRAs have the same module names; their ss_base_model_version tells them apart."""
+    sd1 = _plain_lora(request, "sd1", tmp_path / "v1.safetensors", 1, {"ss_base_model_version": "sd_v1"})
+    sd2 = _plain_lora(request, "sd1", tmp_path / "v2.safetensors", 2, {"ss_base_model_version": "sd_v2"})
+    untold = _plain_lora(request, "sd1", tmp_path / "untold.safetensors", 3)
+    with pytest.raises(ValueError) as error:
+        merge_lora_files(read_loras([untold, sd1, sd2], [1.0, 1.0, 1.0]), tmp_path / "out.safetensors")
+    message = str(error.value)
+    assert "\n" not in message
+    assert f"--models {sd1} (ss_base_model_version sd_v1) and {sd2} (sd_v2)" in message
+    merge_lora_files(read_loras([untold, sd1], [1.0, 1.0]), tmp_path / "ok.safetensors")  # one file is silent
+
+
+def test_a_text_encoder_only_lora_merges_with_a_full_lora_of_its_family(request, tmp_path):
+    """lora_te1/te2 names alone could be SDXL or SD3; they agree with an SDXL LoRA."""
+    full = _plain_lora(request, "sdxl", tmp_path / "full.safetensors", seed=1)
+    text_only = tmp_path / "text.safetensors"
+    save_file({key: value for key, value in load_file(str(full)).items() if key.startswith("lora_te")}, str(text_only))
+    out = tmp_path / "merged.safetensors"
+    merge_lora_files(read_loras([text_only, full], [1.0, 0.5]), out)
+    expected = _expected_sum([text_only, full], [1.0, 0.5])
+    merged = lora_deltas(out)
+    assert merged.keys() == expected.keys()
+    for name, delta in expected.items():
+        assert relative_error(merged[name], delta) < 1e-5, name
+
+
 def test_svd_merge_lora_alias_defaults_to_rank_4(two_loras, tmp_path):
     out = tmp_path / "alias.safetensors"
     svd_merge_lora.main(["--models", *map(str, two_loras), "--save_to", str(out)])
@@ -268,6 +304,8 @@ def test_cli_merges_into_a_checkpoint_with_metadata(request, tmp_path):
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--ratios", "1", "2"], "--ratios: 2 values for 1 --models"),
+    (["--models", "a", "b", "--ratios", "1"], "--ratios: 1 value for 2 --models"),
+    (["--save_to", "o.txt"], "--save_to o.txt: must end in .safetensors, .ckpt or .pt"),
     (["--new_rank", "4", "--concat"], "choose one"),
     (["--lbws", "[1,1]"], "--lbws"),
     (["--new_conv_rank", "2"], "--new_conv_rank needs --new_rank"),

@@ -125,6 +125,20 @@ def test_metadata_is_updated_as_sd_scripts_writes_it(lora_file, tmp_path):
     assert _metadata(same_ranks)["ss_training_comment"] == "dimension is resized from 8 to 3; my first lora"
 
 
+@pytest.mark.parametrize("network_args", [None, {"dropout": "0.1"}])
+def test_conv_ranks_are_recorded_even_when_the_input_metadata_lacked_them(trained, network_args, tmp_path):
+    """The rank metadata follows the modules written (as merge and extract write it); other network args stay."""
+    metadata = {"ss_network_dim": "8", "ss_network_alpha": "4.0"}
+    if network_args is not None:
+        metadata["ss_network_args"] = json.dumps(network_args)
+    lora = write_lora(tmp_path / "bare.safetensors", trained, metadata)
+    out = tmp_path / "out.safetensors"
+    resize_file(lora, out, ResizeConfig(new_rank=3, new_conv_rank=2))
+    assert json.loads(_metadata(out)["ss_network_args"]) == {**(network_args or {}), "conv_dim": "2",
+                                                              "conv_alpha": "1.0"}
+    assert _metadata(out)["ss_network_dim"] == "3"
+
+
 def test_per_block_ranks_are_reported_as_dynamic(tmp_path):
     dims = ",".join(str(4 + i % 2 * 4) for i in range(25))
     network = randomize(tiny_sd1_network(dim=8, alpha=8.0, block_dims=dims, block_alphas=",".join(["8"] * 25)))
@@ -241,7 +255,9 @@ def test_bad_inputs_give_one_line_errors(lora_file, tiny_sd1_checkpoint, tmp_pat
     ):
         message = _error_of(["--model", str(lora_file), "--save_to", out, *flags], capsys)
         assert expected in message and message.count("\n") == 1, message
-    assert "--save_to" in _error_of(["--model", str(lora_file), "--save_to", str(tmp_path / "out.bin")], capsys)
+    bad_output = tmp_path / "out.bin"
+    assert (f"--save_to {bad_output}: must end in .safetensors, .ckpt or .pt"
+            in _error_of(["--model", str(lora_file), "--save_to", str(bad_output)], capsys))
     assert not Path(out).exists()
 
 
