@@ -130,7 +130,7 @@ def profile_steps(step: Step, device: torch.device, steps: int = 3) -> dict:
 
 
 # aten ops that launch no GPU work: views and aliases of existing memory, allocation, autograd bookkeeping.
-_NO_LAUNCH = frozenset({"detach", "alias", "lift_fresh", "empty", "empty_strided", "empty_like", "new_empty",
+_NO_LAUNCH = frozenset({"detach", "alias", "lift_fresh", "_unsafe_view", "empty", "empty_strided", "empty_like", "new_empty",
                         "new_empty_strided", "set_", "resize_", "_has_compatible_shallow_copy_type", "is_same_size"})
 _KINDS = (("matmul", ("mm", "addmm", "bmm", "baddbmm", "addbmm", "convolution", "convolution_backward")),
           ("attention", ("_scaled_dot_product", "_efficient_attention", "_flash_attention")),

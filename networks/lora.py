@@ -80,6 +80,8 @@ class LoRAModule(nn.Module):
         # A plain attribute, not a child: the base layer must stay out of the network's state dict.
         object.__setattr__(self, "org_module", org_module)
         self.org_forward = None
+        self._casts: tuple[Tensor, Tensor] | None = None  # see _linear_weights
+        self._cast_key: tuple | None = None
 
     @property
     def is_applied(self) -> bool:
@@ -102,20 +104,50 @@ class LoRAModule(nn.Module):
         base = self.org_forward(x)
         if self.training and self.module_dropout and torch.rand(1) < self.module_dropout:
             return base
-        lx = self.lora_down(x)
+        linear = isinstance(self.lora_down, nn.Linear)
+        if linear:
+            down, up = self._linear_weights(x)
+            lx = F.linear(x, down)
+        else:
+            lx = self.lora_down(x)
         if self.training and self.dropout:
             lx = F.dropout(lx, p=self.dropout)
         scale = self.scale
         if self.training and self.rank_dropout:
             lx = lx * self._rank_mask(lx)
             scale = scale / (1.0 - self.rank_dropout)  # as if the rank were smaller: keep the expected update
-        if isinstance(self.lora_up, nn.Linear):
+        if linear:
             # base + s * lx @ up^T as one GEMM epilogue: two fewer kernels (and output round trips) per layer
             # than mm, mul, add, and one rounding instead of three in half precision.
-            out = torch.addmm(base.reshape(-1, base.shape[-1]), lx.reshape(-1, lx.shape[-1]), self.lora_up.weight.t(),
+            out = torch.addmm(base.reshape(-1, base.shape[-1]), lx.reshape(-1, lx.shape[-1]), up.t(),
                               alpha=self.multiplier * scale)
             return out.view(base.shape)
         return base + self.lora_up(lx) * (self.multiplier * scale)
+
+    def _linear_weights(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """lora_down's and lora_up's weights as the matmuls use them. Under autocast with gradients on, their
+        half-precision casts are kept from the forward until backward has used them: gradient checkpointing's
+        recompute then reuses them instead of casting again (autocast's own cast cache ends with its region,
+        before backward). A changed weight (optimizer step, loaded state) has a new version and is cast anew."""
+        down, up = self.lora_down.weight, self.lora_up.weight
+        device_type = x.device.type
+        if not (torch.is_grad_enabled() and torch.amp.is_autocast_available(device_type)
+                and torch.is_autocast_enabled(device_type)):
+            return down, up
+        dtype = torch.get_autocast_dtype(device_type)
+        if down.dtype == dtype and up.dtype == dtype:
+            return down, up
+        key = (dtype, down._version, up._version)
+        if self._casts is None or self._cast_key != key:
+            casts = (down.to(dtype), up.to(dtype))
+            if casts[0].requires_grad:
+                # down's gradient comes last in backward, after any recompute of this layer: then let the casts go.
+                casts[0].register_hook(self._forget_casts)
+            self._casts, self._cast_key = casts, key
+        return self._casts
+
+    def _forget_casts(self, grad: Tensor) -> None:
+        self._casts = self._cast_key = None
 
     def _rank_mask(self, lx: Tensor) -> Tensor:
         """A keep-mask over (batch, rank), broadcast over tokens (Linear) or pixels (conv)."""

@@ -128,6 +128,72 @@ def test_linear_lora_is_one_fused_add_with_the_same_values_and_gradients(shape):
     torch.testing.assert_close(half.float(), expected, rtol=2e-2, atol=2e-2)
 
 
+def test_half_precision_casts_are_made_once_per_step_and_reused_by_the_checkpoint_recompute(monkeypatch):
+    """Under autocast a Linear LoRA's fp32 weights are cast once in the forward and the same casts serve
+    gradient checkpointing's recompute in backward; gradients equal casting at every use; the casts are let go
+    after backward, recast after an optimizer step, and never kept under no_grad."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    layers = nn.ModuleList([nn.Linear(8, 8), nn.Linear(8, 8)])
+    loras = [LoRAModule(f"lora_{i}", layer, lora_dim=4, alpha=2.0) for i, layer in enumerate(layers)]
+    for lora in loras:
+        nn.init.normal_(lora.lora_up.weight)
+        lora.apply_to()
+    weights = {id(p): name for lora in loras for name, p in lora.named_parameters(prefix=lora.lora_name)}
+    x = torch.randn(2, 3, 8)
+
+    class Casts(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.of = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_to_copy" and id(args[0]) in weights:
+                self.of.append(weights[id(args[0])])
+            return func(*args, **(kwargs or {}))
+
+    def step() -> list[torch.Tensor]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = checkpoint(lambda t: layers[1](torch.relu(layers[0](t))), x, use_reentrant=False)
+        out.float().square().sum().backward()
+        grads = [p.grad.clone() for lora in loras for p in lora.parameters()]
+        for lora in loras:
+            lora.zero_grad(set_to_none=True)
+        return grads
+
+    with Casts() as casts:
+        grads = step()
+    assert sorted(casts.of) == sorted(weights.values())  # each weight cast once, not again in the recompute
+    assert all(lora._casts is None for lora in loras)  # released after backward
+
+    with torch.no_grad():
+        for lora in loras:
+            lora.lora_up.weight.mul_(2.0)  # an optimizer step: a new version of the weight
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            layers[0](x)
+    assert loras[0]._casts is None  # nothing kept without gradients
+    with Casts() as casts:
+        doubled = step()
+    assert sorted(casts.of) == sorted(weights.values())  # the changed weights were cast anew
+
+    monkeypatch.setattr(LoRAModule, "_linear_weights", lambda self, x: (self.lora_down.weight, self.lora_up.weight))
+    for got, expected in zip(doubled, step()):
+        torch.testing.assert_close(got, expected)
+    assert not all(torch.equal(a, b) for a, b in zip(grads, doubled))
+    monkeypatch.undo()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        before = layers[0](x)  # gradients on, no backward: the casts stay...
+    assert loras[0]._casts is not None
+    with torch.no_grad():
+        loras[0].lora_up.weight.mul_(3.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        after = layers[0](x)  # ...but a changed weight is not served from them
+    assert not torch.allclose(before, after)
+
+
 @pytest.mark.parametrize("alpha", [None, 0, torch.tensor(0.0)])
 def test_missing_alpha_means_alpha_equals_rank(alpha):
     lora = LoRAModule("lora_test", nn.Linear(6, 5), lora_dim=4, alpha=alpha)
