@@ -299,14 +299,15 @@ def _modelspec(facts: BaseModelFacts | None, architecture_suffix: str, save_to: 
 # ----------------------------------------------------------------------------- LoRA + LoRA
 def check_one_model(loras: Sequence[WeightedLoRA]) -> None:
     """Refuse LoRAs for different models, which would merge into a file of mixed modules: their module names
-    point to different families, or both files' ss_base_model_version name different base models."""
+    point to different families, or both files' ss_base_model_version name different networks."""
     families = [guess_lora_family(lora.modules) for lora in loras]
     for (first, first_family), (second, second_family) in combinations(zip(loras, families), 2):
         if lora_families_differ(first_family, second_family):
             raise ValueError(f"--models {first.path} ({first_family} LoRA) and {second.path} ({second_family} LoRA), "
                              "by their module names: LoRAs of different model families cannot be merged into one")
         versions = [lora.metadata.get("ss_base_model_version") for lora in (first, second)]
-        if None not in versions and versions[0] != versions[1]:
+        # "sd_v2_v" is SD2 trained for v-prediction: the same network as "sd_v2", so its LoRAs combine.
+        if None not in versions and versions[0].removesuffix("_v") != versions[1].removesuffix("_v"):
             raise ValueError(f"--models {first.path} (ss_base_model_version {versions[0]}) and {second.path} "
                              f"({versions[1]}): LoRAs of different base models cannot be merged into one")
 

@@ -261,6 +261,8 @@ def test_loras_whose_metadata_names_different_base_models_are_refused(request, t
     assert "\n" not in message
     assert f"--models {sd1} (ss_base_model_version sd_v1) and {sd2} (sd_v2)" in message
     merge_lora_files(read_loras([untold, sd1], [1.0, 1.0]), tmp_path / "ok.safetensors")  # one file is silent
+    v_prediction = _plain_lora(request, "sd1", tmp_path / "v2v.safetensors", 4, {"ss_base_model_version": "sd_v2_v"})
+    merge_lora_files(read_loras([sd2, v_prediction], [1.0, 1.0]), tmp_path / "v.safetensors")  # same network
 
 
 def test_a_text_encoder_only_lora_merges_with_a_full_lora_of_its_family(request, tmp_path):
