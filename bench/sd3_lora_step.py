@@ -232,7 +232,7 @@ def train_step(bench: Sd3Bench, after_forward: Callable[[], None] | None = None)
     generator = seed_step(SEED, bench.step, 0, device, False)
     bench.step += 1
     with torch.no_grad():
-        latents = bench.latents.to(device, dtype=DTYPE)
+        latents = bench.latents.to(device, dtype=torch.float32)  # as the trainer: float32 latents, autocast casts
     batch = {"loss_weights": torch.ones(latents.shape[0]).to(device), "alpha_masks": None}
     with torch.autocast(device.type, dtype=DTYPE):
         text = {name: tensor.to(device) for name, tensor in bench.text.items()}

@@ -210,7 +210,7 @@ def train_step(bench: Bench, after_forward: Callable[[], None] | None = None) ->
     `after_forward` runs between the loss and backward (to read memory held for backward)."""
     device = bench.device
     with torch.no_grad():
-        latents = bench.latents.to(device, dtype=torch.bfloat16)
+        latents = bench.latents.to(device, dtype=torch.float32)  # as the trainer: float32 latents, autocast casts
     generator = seed_step(SEED, bench.step, 0, device, False)
     bench.step += 1
     batch = {"loss_weights": torch.ones(latents.shape[0], device=device), "alpha_masks": None,

@@ -344,15 +344,17 @@ class NetworkTrainer:
             self._sample(ctx, epoch=ctx.state.epoch)
 
     def _step_loss(self, ctx: "_LoopContext", batch: dict, step: int, validation: bool = False) -> torch.Tensor:
-        models, device, dtype = ctx.models, ctx.accelerator.device, ctx.run.weight_dtype
+        models, device = ctx.models, ctx.accelerator.device
         generator = seed_step(ctx.run.seed, step, ctx.accelerator.process_index, device, validation)
         if batch["network_multipliers"] is not None:
             ctx.accelerator.unwrap_model(ctx.network).set_multiplier(float(batch["network_multipliers"][0]))
+        # Latents stay float32: noise, noisy input and target are formed at full precision (as sd-scripts does);
+        # autocast casts the denoiser's input where its first layer runs.
         with torch.no_grad():
             if batch["latents"] is not None:
-                latents = batch["latents"].to(device, dtype=dtype)
+                latents = batch["latents"].to(device, dtype=torch.float32)
             else:
-                latents = self.encode_images(models, batch["images"].to(device, dtype=models.vae.dtype)).to(dtype)
+                latents = self.encode_images(models, batch["images"].to(device, dtype=models.vae.dtype)).float()
         # Text encoding runs under autocast too: half-precision encoders carry fp32 LoRA weights.
         with ctx.accelerator.autocast():
             if batch["text_outputs"] is not None:

@@ -130,6 +130,22 @@ def test_nan_loss_stops_with_the_step_and_keeps_earlier_saves(argv, tmp_path, mo
     assert not (out / "lora.safetensors").exists()
 
 
+@pytest.mark.parametrize("cache", [["--cache_latents"], []], ids=["cached", "encoded"])
+def test_latents_reach_the_loss_in_float32_under_half_precision(argv, monkeypatch, cache):
+    """Noise, noisy input and target are formed from float32 latents even in a bf16 run (autocast casts the
+    U-Net's input), whether the latents come from the cache or from the VAE in the step."""
+    seen = []
+    original = train_network.SdNetworkTrainer.compute_loss
+
+    def record(self, models, batch, latents, text, generator):
+        seen.append((latents.dtype, torch.is_autocast_enabled("cpu")))
+        return original(self, models, batch, latents, text, generator)
+
+    monkeypatch.setattr(train_network.SdNetworkTrainer, "compute_loss", record)
+    train(*argv("--mixed_precision=bf16", "--max_train_steps=1", *cache))
+    assert seen == [(torch.float32, True)]
+
+
 def _error_line(capsys, *argv: str) -> str:
     with pytest.raises(SystemExit) as exit_info:
         train(*argv)
