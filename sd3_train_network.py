@@ -83,7 +83,8 @@ class Sd3NetworkTrainer(NetworkTrainer):
         blocks = len({key.split(".")[3] for key in keys if key.startswith("model.diffusion_model.joint_blocks.")})
         check_block_swap_flags(args.blocks_to_swap, blocks or (args.blocks_to_swap or 0) + 1,
                                gradient_checkpointing=args.gradient_checkpointing,
-                               cpu_offload_checkpointing=args.cpu_offload_checkpointing, cuda_available=torch.cuda.is_available())
+                               cpu_offload_checkpointing=args.cpu_offload_checkpointing, cuda_available=torch.cuda.is_available(),
+                               torch_compile=args.torch_compile)
 
     def load_models(self, args: argparse.Namespace) -> Models:
         tokenizers = load_sd3_tokenizers(args.tokenizer_cache_dir)

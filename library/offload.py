@@ -48,7 +48,7 @@ class BlockSwapError(ValueError):
 
 
 def check_block_swap_flags(blocks_to_swap: int | None, num_blocks: int, *, gradient_checkpointing: bool,
-                           cpu_offload_checkpointing: bool, cuda_available: bool) -> None:
+                           cpu_offload_checkpointing: bool, cuda_available: bool, torch_compile: bool = False) -> None:
     """Reject --blocks_to_swap settings that cannot work, naming the flag to change."""
     if not blocks_to_swap:
         if blocks_to_swap is not None and blocks_to_swap < 0:
@@ -57,6 +57,9 @@ def check_block_swap_flags(blocks_to_swap: int | None, num_blocks: int, *, gradi
     _check_count(blocks_to_swap, num_blocks)
     if cpu_offload_checkpointing:
         raise BlockSwapError("--blocks_to_swap cannot be combined with --cpu_offload_checkpointing; use one of them")
+    if torch_compile:
+        raise BlockSwapError("--blocks_to_swap cannot be combined with --torch_compile yet (a swapped block's weights "
+                             "move between devices every step, which compiled blocks do not expect); use one of them")
     if not cuda_available:
         raise BlockSwapError("--blocks_to_swap needs a CUDA GPU (it copies blocks between CPU and GPU); "
                              "none is available, so remove the flag")

@@ -26,6 +26,7 @@ from library.console import exit_on_user_error, setup_logging
 from library.dataset.cache import latent_cache_conflicts, text_cache_conflicts
 from library.dataset.config import DatasetOptions, load_dataset_configs
 from library.dataset.dataset import TrainDataset, split_validation
+from library.compile import compile_blocks
 from library.dry_run import format_dry_run, plan_dry_run
 from library.lr_schedulers import SchedulerConfig, build_lr_scheduler
 from library.metadata import minimum_metadata
@@ -232,6 +233,8 @@ class NetworkTrainer:
             if train_text_encoder:
                 for encoder in models.text_encoders:
                     enable_text_encoder_checkpointing(encoder)
+        if args.torch_compile:
+            compile_blocks(models.denoiser.blocks, args.dynamo_backend)
         if run.full_precision_lora:
             network.to(run.weight_dtype)
 

@@ -41,8 +41,7 @@ def make_accelerator(args: argparse.Namespace, run: RunConfig) -> Accelerator:
         logging_dir = str(Path(args.logging_dir) / ((args.log_prefix or "") + time.strftime("%Y%m%d%H%M%S")))
     project = ProjectConfiguration(project_dir=logging_dir or args.output_dir, logging_dir=logging_dir)
     accelerator = Accelerator(gradient_accumulation_steps=run.gradient_accumulation_steps, mixed_precision=run.mixed_precision,
-                              log_with=trackers, project_config=project, kwargs_handlers=_ddp_handlers(args),
-                              dynamo_backend=args.dynamo_backend if args.torch_compile else None)
+                              log_with=trackers, project_config=project, kwargs_handlers=_ddp_handlers(args))
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
         raise ValueError(f"launched as {launched} processes but accelerate runs each alone (no GPU found?); "

@@ -130,6 +130,8 @@ class LoRAModule(nn.Module):
         recompute then reuses them instead of casting again (autocast's own cast cache ends with its region,
         before backward). A changed weight (optimizer step, loaded state) has a new version and is cast anew."""
         down, up = self.lora_down.weight, self.lora_up.weight
+        if torch.compiler.is_compiling():  # a compiled block casts inside its own graph (and recompiles none of this)
+            return down, up
         device_type = x.device.type
         if not (torch.is_grad_enabled() and torch.amp.is_autocast_available(device_type)
                 and torch.is_autocast_enabled(device_type)):

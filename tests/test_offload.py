@@ -119,6 +119,7 @@ def test_flag_conflicts_name_the_flag():
         ((8, 24), {**ok, "cpu_offload_checkpointing": True}, "--cpu_offload_checkpointing"),
         ((8, 24), {**ok, "cuda_available": False}, "--blocks_to_swap needs a CUDA GPU"),
         ((8, 24), {**ok, "gradient_checkpointing": False}, "--blocks_to_swap needs --gradient_checkpointing"),
+        ((8, 24), {**ok, "torch_compile": True}, "--blocks_to_swap cannot be combined with --torch_compile"),
     ]
     for (count, blocks), flags, message in cases:
         with pytest.raises(BlockSwapError, match=message):

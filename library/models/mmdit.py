@@ -435,6 +435,11 @@ class MMDiT(nn.Module):
         reference = scaled_pos_embed_reference(references, rows, cols)
         return scaled_pos_embed(self.config.hidden_size, reference, rows, cols, top, left, device=self.pos_embed.device)
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The joint blocks: what gradient checkpointing, block swap and --torch_compile work on."""
+        return list(self.joint_blocks)
+
     def _run_block(self, block: JointBlock, x: Tensor, context: Tensor, c: Tensor) -> tuple[Tensor, Tensor | None]:
         if not (self.gradient_checkpointing and self.training and torch.is_grad_enabled()):
             return block(x, context, c)

@@ -385,6 +385,11 @@ class SdUNet(nn.Module):
         """Any latent size works: each upsampling meets its skip connection's size (see forward)."""
         return 1
 
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The input, middle and output blocks: what gradient checkpointing and --torch_compile work on."""
+        return [*self.input_blocks, self.middle_block, *self.output_blocks]
+
     def set_gradient_checkpointing(self, enabled: bool, cpu_offload: bool = False) -> None:
         """Recompute each input/middle/output block in backward instead of storing its activations;
         with cpu_offload the block inputs that checkpointing keeps wait in CPU memory."""
