@@ -216,5 +216,8 @@ def add_common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count_launches", action="store_true",
                         help="only count the kernel-launching ops of one step, on the CPU, with a narrow stand-in of the "
                              "model at full depth (the count does not depend on width)")
+    parser.add_argument("--torch_compile", action="store_true",
+                        help="compile the denoiser block by block, as the trainer's --torch_compile (first steps compile)")
+    parser.add_argument("--dynamo_backend", default="inductor", help="torch.compile backend for --torch_compile")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json_out", default=None)

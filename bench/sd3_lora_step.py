@@ -51,6 +51,7 @@ from bench.bench_common import (
     utilisation,
 )
 from library.args import parse_args as parse_trainer_args
+from library.compile import compile_blocks
 from library.console import exit_on_user_error
 from library.fp8 import Fp8Parts, store_linear_weights_in_fp8
 from library.models.mmdit import SD3_MEDIUM, SD35_LARGE, SD35_MEDIUM, MMDiT, MMDiTConfig
@@ -295,7 +296,9 @@ def _measure_bench(bench: Sd3Bench, options: argparse.Namespace, device_facts: d
     device, step = bench.device, _step(bench)
     cuda = device.type == "cuda"
     setup_gib = torch.cuda.memory_allocated(device) / GIB if cuda else float("nan")
-    flops, per_op = count_flops(lambda: train_step(bench))
+    flops, per_op = count_flops(lambda: train_step(bench))  # eager: compiled kernels escape the counter
+    if options.torch_compile:  # compiles during the warm-up steps; give --warmup enough of them
+        compile_blocks(bench.models.denoiser.blocks, options.dynamo_backend)
     split = memory_split(step, device) if cuda else {}
     times = time_steps(step, device, options.warmup, options.steps)
     config = spec_of(options).config
@@ -309,7 +312,7 @@ def _measure_bench(bench: Sd3Bench, options: argparse.Namespace, device_facts: d
         "lora_params": sum(p.numel() for p in bench.network.parameters()),
         "swapped_weights_gib": bench.swapped_weight_bytes / GIB,
         **timing_fields(times), "tflop_per_step": flops / 1e12, "flops_by_op": per_op, "model_tflop_per_step": model_flops / 1e12,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "torch_compile": options.dynamo_backend if options.torch_compile else None,
     }
     if cuda:
         result.update(cuda_memory_fields(device), setup_gib=setup_gib, **split, host_launch_us=device_facts["host_launch_us"])

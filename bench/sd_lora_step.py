@@ -48,6 +48,7 @@ from bench.bench_common import (
     utilisation,
 )
 from library.args import parse_args as parse_trainer_args
+from library.compile import compile_blocks
 from library.console import exit_on_user_error
 from library.fixtures.tiny_sdxl import TINY_CLIP_G_PROJECTION, tiny_sdxl_unet_config
 from library.models.sd_unet import (
@@ -274,7 +275,9 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> d
     lora_params = sum(p.numel() for p in bench.network.parameters())
     unet_params = sum(p.numel() for p in bench.models.denoiser.parameters())
     setup_gib = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else float("nan")
-    flops, per_op = count_flops(lambda: train_step(bench))
+    flops, per_op = count_flops(lambda: train_step(bench))  # eager: compiled kernels escape the counter
+    if options.torch_compile:  # compiles during the warm-up steps; give --warmup enough of them
+        compile_blocks(bench.models.denoiser.blocks, options.dynamo_backend)
     no_recompute_flops = model_flops(options)
     split = memory_split(step, device) if device.type == "cuda" else {}
     times = time_steps(step, device, options.warmup, options.steps)
@@ -285,7 +288,7 @@ def run(options: argparse.Namespace, report: Callable[[str], None] = print) -> d
         "network_dim": options.network_dim, "unet_params": unet_params, "lora_params": lora_params,
         **timing_fields(times), "tflop_per_step": flops / 1e12, "flops_by_op": per_op,
         "model_tflop_per_step": no_recompute_flops / 1e12,
-        "torch": torch.__version__,
+        "torch": torch.__version__, "torch_compile": options.dynamo_backend if options.torch_compile else None,
     }
     if device.type == "cuda":
         result.update(cuda_memory_fields(device), setup_gib=setup_gib, **split, host_launch_us=host_launch_us(device))

@@ -159,3 +159,15 @@ def test_launch_count_runs_the_narrow_stand_in_of_the_chosen_unet():
     transformer_blocks = sum(1 for module in SdxlUNet(narrow.config).modules() if type(module).__name__ == "BasicTransformerBlock")
     assert result["launches_by_kind"]["forward"]["attention"] == 2 * transformer_blocks  # self- and cross-attention
     assert result["launches_per_step"] == sum(result["launches_by_phase"].values())
+
+
+def test_torch_compile_compiles_the_unet_blocks_after_the_eager_flop_count(monkeypatch):
+    """--torch_compile hands the U-Net's blocks to the compiler once the FLOPs were counted eagerly (compiled
+    kernels would escape the counter); the result records the backend."""
+    events: list[str] = []
+    monkeypatch.setattr(sd_bench, "count_flops", lambda run: (events.append("flops"), run(), (1, {"mm": 1}))[-1])
+    monkeypatch.setattr(sd_bench, "compile_blocks", lambda blocks, backend: events.append(f"compile {len(blocks)} {backend}"))
+    result = sd_bench.run(sd_bench.parse_args([*TINY, "--steps", "1", "--torch_compile", "--dynamo_backend", "aot_eager"]),
+                          report=lambda _: None)
+    blocks = len(SdxlUNet(sd_bench.MODELS["tiny_sdxl"].config).blocks)
+    assert events[:2] == ["flops", f"compile {blocks} aot_eager"] and result["torch_compile"] == "aot_eager"
