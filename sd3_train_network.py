@@ -19,7 +19,7 @@ from library.args_groups import SD3_FLAGS, TRAINING_FLAGS
 from library.diffusion.flow_matching import FlowMatchingLossConfig, flow_matching_loss
 from library.fingerprint import file_identity
 from library.fp8 import Fp8Parts, store_linear_weights_in_fp8
-from library.metadata import modelspec_from_args
+from library.metadata import base_model_facts, lora_base_metadata
 from library.models.checkpoint import checkpoint_keys
 from library.models.sd3_loading import (
     SD3_LATENT_SCALE,
@@ -189,16 +189,11 @@ class Sd3NetworkTrainer(NetworkTrainer):
                                 decode=lambda z: models.vae.decode((z / VAE_SCALE + VAE_SHIFT).to(models.vae.dtype)))
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        variant = models.extra["variant"]
-        architecture = {"sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3.5-medium",
-                        "sd3.5-large": "stable-diffusion-3.5-large"}[variant]
-        meta = {"ss_base_model_version": variant.replace("-", "_"), "ss_apply_lg_attn_mask": str(args.apply_lg_attn_mask),
-                "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask), "ss_weighting_scheme": args.weighting_scheme,
-                "ss_logit_mean": str(args.logit_mean), "ss_logit_std": str(args.logit_std), "ss_mode_scale": str(args.mode_scale),
-                "ss_training_shift": str(args.training_shift), "ss_t5xxl_max_token_length": str(args.t5xxl_max_token_length)}
-        meta.update(modelspec_from_args(args, architecture=f"{architecture}/lora",
-                                        implementation="https://github.com/Stability-AI/sd3.5",
-                                        resolution=args.resolution or "1024", prediction_type=None))
+        meta = lora_base_metadata(args, base_model_facts("sd3", models.extra["variant"]))
+        meta.update({"ss_apply_lg_attn_mask": str(args.apply_lg_attn_mask), "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask),
+                     "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": str(args.logit_mean),
+                     "ss_logit_std": str(args.logit_std), "ss_mode_scale": str(args.mode_scale),
+                     "ss_training_shift": str(args.training_shift), "ss_t5xxl_max_token_length": str(args.t5xxl_max_token_length)})
         return meta
 
 

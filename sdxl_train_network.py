@@ -17,7 +17,7 @@ from library.args_groups import SDXL_FLAGS, TRAINING_FLAGS
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
-from library.metadata import modelspec_from_args
+from library.metadata import base_model_facts, lora_base_metadata
 from library.models.sdxl_conditioning import sdxl_size_embedding
 from library.models.sdxl_loading import (
     SDXL_LATENT_SCALE,
@@ -104,12 +104,8 @@ class SdxlNetworkTrainer(NetworkTrainer):
                                 decode=lambda z: models.vae.decode((z / SDXL_LATENT_SCALE).to(models.vae.dtype)))
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        meta = {"ss_base_model_version": "sdxl_base_v1-0", "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
-        meta.update(modelspec_from_args(args, architecture="stable-diffusion-xl-v1-base/lora",
-                                        implementation="https://github.com/Stability-AI/generative-models",
-                                        resolution=args.resolution or "1024",
-                                        prediction_type="v" if self.v_parameterization else "epsilon"))
-        return meta
+        facts = base_model_facts("sdxl", v_parameterization=self.v_parameterization)
+        return {"ss_sd_model_name": str(args.pretrained_model_name_or_path), **lora_base_metadata(args, facts)}
 
 
 def setup_parser() -> argparse.ArgumentParser:

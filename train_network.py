@@ -16,7 +16,7 @@ from library.args import TRAINING_FLAGS, setup_parser_for
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
-from library.metadata import modelspec_from_args
+from library.metadata import base_model_facts, lora_base_metadata
 from library.models.clip_text import encode_chunked, tokenize_chunked
 from library.models.sd_loading import check_sd_checkpoint, load_sd_models
 from library.models.tokenizers import (
@@ -97,16 +97,8 @@ class SdNetworkTrainer(NetworkTrainer):
                                 decode=lambda z: models.vae.decode((z / VAE_SCALE).to(models.vae.dtype)))
 
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        if self.v2:
-            version = "sd_v2"
-            architecture = "stable-diffusion-v2-768-v" if self.v_parameterization else "stable-diffusion-v2-512"
-        else:
-            version, architecture = "sd_v1", "stable-diffusion-v1"
-        resolution = args.resolution or ("768" if self.v_parameterization else "512")
-        meta = {"ss_base_model_version": version, "ss_v2": str(bool(self.v2)), "ss_sd_model_name": str(args.pretrained_model_name_or_path)}
-        meta.update(modelspec_from_args(args, architecture=f"{architecture}/lora", implementation="diffusers",
-                                        resolution=resolution, prediction_type="v" if self.v_parameterization else "epsilon"))
-        return meta
+        facts = base_model_facts("sd2" if self.v2 else "sd1", v_parameterization=self.v_parameterization)
+        return {"ss_sd_model_name": str(args.pretrained_model_name_or_path), **lora_base_metadata(args, facts)}
 
 
 def setup_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,7 @@ import base64
 import datetime
 import json
 import mimetypes
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -154,15 +155,66 @@ def thumbnail_data_url(path: Path) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def modelspec_from_args(args: Any, *, architecture: str, implementation: str, resolution: str | int | tuple[int, int],
-                        prediction_type: str | None) -> dict[str, str]:
-    """modelspec.* for a training run: the family's facts plus the --metadata_* flags (every script has them)."""
+def lora_base_metadata(args: Any, facts: BaseModelFacts) -> dict[str, str]:
+    """What a trained LoRA says about its base model: ss_base_model_version, ss_v2 and the modelspec.* keys (the
+    base model's facts plus the --metadata_* flags, which every script has); --resolution when given."""
     import time
 
-    return modelspec_metadata(
-        architecture=architecture, implementation=implementation, title=args.metadata_title or args.output_name or "last",
-        resolution=resolution, prediction_type=prediction_type, timestamp=time.time(), author=args.metadata_author,
+    return {"ss_base_model_version": facts.base_model_version, "ss_v2": str(facts.v2), **modelspec_metadata(
+        architecture=f"{facts.architecture}/lora", implementation=facts.implementation,
+        title=args.metadata_title or args.output_name or "last", resolution=args.resolution or facts.resolution,
+        prediction_type=facts.prediction_type, timestamp=time.time(), author=args.metadata_author,
         description=args.metadata_description, license=args.metadata_license, tags=args.metadata_tags,
         usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from,
         trigger_phrase=args.metadata_trigger_phrase, preprocessor=args.metadata_preprocessor,
-        is_negative_embedding=args.metadata_is_negative_embedding)
+        is_negative_embedding=args.metadata_is_negative_embedding)}
+
+
+# ----------------------------------------------------------------------------- what metadata says about a base model
+@dataclass(frozen=True)
+class BaseModelFacts:
+    """What LoRA and checkpoint metadata say about a base model, in sd-scripts' spellings."""
+
+    base_model_version: str  # ss_base_model_version
+    architecture: str  # modelspec.architecture of the model; LoRA files append "/lora"
+    implementation: str  # modelspec.implementation of its LoRA files
+    resolution: int  # modelspec.resolution's default side
+    prediction_type: str | None  # modelspec.prediction_type (None for flow matching)
+    v2: bool  # ss_v2
+
+
+# SD3 variant -> sd-scripts' model type, which is its ss_base_model_version and follows "stable-diffusion-3-".
+_SD3_MODEL_TYPES = {"sd3-medium": "medium", "sd3.5-medium": "5-medium", "sd3.5-large": "5-large"}
+_FAMILIES = ("sd1", "sd2", "sdxl", "sd3")
+
+
+def base_model_facts(family: str, variant: str | None = None, v_parameterization: bool = False) -> BaseModelFacts:
+    """Metadata facts for a family ("sd1", "sd2", "sdxl", "sd3"; SD3 also its variant). Whether an SD1/2/SDXL model
+    predicts v is not in its weights; the caller says (--v_parameterization)."""
+    prediction = "v" if v_parameterization else "epsilon"
+    if family in ("sd1", "sd2"):
+        version = ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
+        if family == "sd1":
+            architecture, resolution = "stable-diffusion-v1", 512
+        elif v_parameterization:
+            architecture, resolution = "stable-diffusion-v2-768-v", 768
+        else:
+            architecture, resolution = "stable-diffusion-v2-512", 512
+        return BaseModelFacts(version, architecture, IMPLEMENTATION_DIFFUSERS, resolution, prediction, family == "sd2")
+    if family == "sdxl":
+        return BaseModelFacts("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", IMPLEMENTATION_STABILITY_AI, 1024,
+                              prediction, False)
+    if family == "sd3":
+        if variant not in _SD3_MODEL_TYPES:
+            raise ValueError(f"unknown SD3 variant {variant!r}; expected one of {', '.join(_SD3_MODEL_TYPES)}")
+        model_type = _SD3_MODEL_TYPES[variant]
+        return BaseModelFacts(model_type, f"stable-diffusion-3-{model_type}", IMPLEMENTATION_DIFFUSERS, 1024, None, False)
+    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(_FAMILIES)}")
+
+
+def facts_for_base_version(base_model_version: str) -> BaseModelFacts | None:
+    """The facts whose ss_base_model_version is this one (a LoRA file's own statement), or None if unknown."""
+    candidates = [base_model_facts(family, v_parameterization=v) for family in ("sd1", "sd2", "sdxl") for v in (False, True)]
+    candidates += [base_model_facts("sd3", variant) for variant in _SD3_MODEL_TYPES]
+    return next((facts for facts in candidates if facts.base_model_version == base_model_version), None)
+

@@ -33,10 +33,10 @@ import torch
 from torch import Tensor
 
 from library.console import exit_on_user_error
-from library.metadata import modelspec_metadata
+from library.metadata import base_model_facts, modelspec_metadata
 from library.models.checkpoint import load_state_dict
 from library.saving import save_lora_file
-from networks.lora_checkpoint_map import FAMILY_LABELS, LoRACheckpointMap, base_model_facts, map_checkpoint
+from networks.lora_checkpoint_map import FAMILY_LABELS, LoRACheckpointMap, map_checkpoint
 from networks.lora_modules import FactoredModule, lora_state_dict, network_rank_metadata
 from networks.lora_svd import factorize
 from networks.tool_flags import PRECISIONS, add_family_flags, check_save_to, given_family_flags, parse_device, plural

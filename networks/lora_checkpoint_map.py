@@ -28,7 +28,6 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextModel, T5EncoderModel
 
-from library.metadata import IMPLEMENTATION_DIFFUSERS, IMPLEMENTATION_STABILITY_AI
 from library.models.checkpoint import CheckpointError, detect_family, strip_prefix
 from library.models.loading_common import errors_naming
 from library.models.mmdit import MMDiT, infer_mmdit_config
@@ -388,52 +387,3 @@ def lora_families_differ(first: str | None, second: str | None) -> bool:
         return False
     open_guesses = {_SDXL_OR_SD3: {"SDXL", "SD3/SD3.5"}}
     return not open_guesses.get(first, {first}) & open_guesses.get(second, {second})
-
-
-# ----------------------------------------------------------------------------- base-model metadata
-@dataclass(frozen=True)
-class BaseModelFacts:
-    """What LoRA and checkpoint metadata say about a base model (sd-scripts' spellings)."""
-
-    base_model_version: str  # ss_base_model_version
-    architecture: str  # modelspec.architecture of the model; LoRA files append "/lora"
-    implementation: str
-    resolution: int
-    prediction_type: str | None
-    v2: bool  # ss_v2
-
-_SD3_ARCHITECTURES = {"sd3-medium": "stable-diffusion-3-medium", "sd3.5-medium": "stable-diffusion-3.5-medium",
-                      "sd3.5-large": "stable-diffusion-3.5-large"}
-_SD3_IMPLEMENTATION = "https://github.com/Stability-AI/sd3.5"
-
-
-def base_model_facts(family: str, variant: str | None = None, v_parameterization: bool = False) -> BaseModelFacts:
-    """Metadata facts for a family (SD3: its variant). Whether an SD1/2/SDXL model predicts v is not in its
-    weights; the caller says (sd-scripts: `--v_parameterization`, defaulting to on for SD2)."""
-    prediction = "v" if v_parameterization else "epsilon"
-    if family in ("sd1", "sd2"):
-        # sd-scripts' version string: sd_v1 / sd_v2, "_v" appended for v-prediction
-        version = ("sd_v2" if family == "sd2" else "sd_v1") + ("_v" if v_parameterization else "")
-        if family == "sd1":
-            architecture, resolution = "stable-diffusion-v1", 512
-        elif v_parameterization:
-            architecture, resolution = "stable-diffusion-v2-768-v", 768
-        else:
-            architecture, resolution = "stable-diffusion-v2-512", 512
-        return BaseModelFacts(version, architecture, IMPLEMENTATION_DIFFUSERS, resolution, prediction, family == "sd2")
-    if family == "sdxl":
-        return BaseModelFacts("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", IMPLEMENTATION_STABILITY_AI, 1024,
-                              prediction, False)
-    if family == "sd3":
-        if variant not in _SD3_ARCHITECTURES:
-            raise ValueError(f"unknown SD3 variant {variant!r}; expected one of {', '.join(_SD3_ARCHITECTURES)}")
-        return BaseModelFacts(variant.replace("-", "_"), _SD3_ARCHITECTURES[variant], _SD3_IMPLEMENTATION, 1024, None,
-                              False)
-    raise ValueError(f"unknown model family {family!r}; expected one of {', '.join(FAMILY_LABELS)}")
-
-
-def facts_for_base_version(base_model_version: str) -> BaseModelFacts | None:
-    """The facts whose ss_base_model_version is this one (a LoRA file's own statement), or None if unknown."""
-    candidates = [base_model_facts(family, v_parameterization=v) for family in ("sd1", "sd2", "sdxl") for v in (False, True)]
-    candidates += [base_model_facts("sd3", variant) for variant in _SD3_ARCHITECTURES]
-    return next((facts for facts in candidates if facts.base_model_version == base_model_version), None)

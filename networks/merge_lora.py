@@ -43,7 +43,13 @@ from safetensors import safe_open
 from torch import Tensor
 
 from library.console import exit_on_user_error
-from library.metadata import IMPLEMENTATION_DIFFUSERS, modelspec_metadata
+from library.metadata import (
+    IMPLEMENTATION_DIFFUSERS,
+    BaseModelFacts,
+    base_model_facts,
+    facts_for_base_version,
+    modelspec_metadata,
+)
 from library.models.checkpoint import load_state_dict
 from library.models.loading_common import errors_naming
 from library.models.sd3_loading import ENCODERS as SD3_TEXT_ENCODERS
@@ -51,12 +57,9 @@ from library.saving import SAFETENSORS_SUFFIX, save_lora_file, save_tensors
 from networks.lora import lora_delta_weight
 from networks.lora_checkpoint_map import (
     FAMILY_LABELS,
-    BaseModelFacts,
     LoRACheckpointMap,
     SeparateTextEncoder,
     WeightSlot,
-    base_model_facts,
-    facts_for_base_version,
     guess_lora_family,
     lora_families_differ,
     map_with_text_encoder_files,

@@ -21,8 +21,8 @@ from networks.merge_lora import merge_into_checkpoint, read_loras
 
 RANK = 4
 ARCHITECTURES = {"sd1": "stable-diffusion-v1/lora", "sd2": "stable-diffusion-v2-768-v/lora",
-                 "sdxl": "stable-diffusion-xl-v1-base/lora", "sd3": "stable-diffusion-3.5-medium/lora"}
-BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0", "sd3": "sd3.5_medium"}
+                 "sdxl": "stable-diffusion-xl-v1-base/lora", "sd3": "stable-diffusion-3-5-medium/lora"}
+BASE_VERSIONS = {"sd1": "sd_v1", "sd2": "sd_v2_v", "sdxl": "sdxl_base_v1-0", "sd3": "5-medium"}
 
 
 def _metadata(path: Path) -> dict[str, str]:

@@ -16,8 +16,8 @@ import sd3_train_network
 from library.fixtures.tiny_sd3 import VARIANTS, write_tiny_sd3_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-ARCHITECTURES = {"sd3-medium": "stable-diffusion-3-medium/lora", "sd3.5-medium": "stable-diffusion-3.5-medium/lora",
-                 "sd3.5-large": "stable-diffusion-3.5-large/lora"}
+ARCHITECTURES = {"sd3-medium": "stable-diffusion-3-medium/lora", "sd3.5-medium": "stable-diffusion-3-5-medium/lora",
+                 "sd3.5-large": "stable-diffusion-3-5-large/lora"}
 
 
 def sd3_argv(checkpoint: Path, tokenizers: Path, dataset: Path, output: Path, *extra: str) -> list[str]:
@@ -53,7 +53,9 @@ def test_each_variant_memorises_with_caches_on_disk(variant, tiny_sd3_checkpoint
     if variant == "sd3.5-medium":
         assert "lora_unet_joint_blocks_0_x_block_attn2_qkv.lora_down.weight" in tensors
     meta = lora_metadata(out / "lora.safetensors")
-    assert meta["modelspec.architecture"] == ARCHITECTURES[variant]
+    assert meta["modelspec.architecture"] == ARCHITECTURES[variant]  # sd-scripts' spellings, as its SD3 LoRAs carry
+    assert meta["ss_base_model_version"] == ARCHITECTURES[variant].removeprefix("stable-diffusion-3-").removesuffix("/lora")
+    assert meta["modelspec.implementation"] == "diffusers" and "modelspec.prediction_type" not in meta
     assert meta["ss_weighting_scheme"] == "logit_normal" and meta["ss_apply_t5_attn_mask"] == "True"
 
 

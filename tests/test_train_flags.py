@@ -161,7 +161,7 @@ def test_sd2_v_parameterization(run, tiny_sd2_checkpoint):
               checkpoint=tiny_sd2_checkpoint)
     meta = lora_metadata(out / "lora.safetensors")
     assert meta["ss_v2"] == "True" and meta["modelspec.architecture"] == "stable-diffusion-v2-768-v/lora"
-    assert meta["modelspec.prediction_type"] == "v"
+    assert meta["modelspec.prediction_type"] == "v" and meta["ss_base_model_version"] == "sd_v2_v"  # as sd-scripts
 
 
 def test_masked_loss_uses_alpha_masks(run, tmp_path):
