@@ -17,8 +17,11 @@ import torch
 from safetensors import safe_open
 
 from library.models.checkpoint import CheckpointError, detect_family
+from library.models.loading_common import DIFFUSERS_WEIGHT_FILES, read_diffusers_config
 from library.models.mmdit import MMDiT, MMDiTConfig, infer_mmdit_config
+from library.models.sd_loading import unet_config_from_diffusers
 from library.models.sd_unet import SdUNet, SdUNetConfig, SdxlUNet, infer_unet_config
+from library.models.sdxl_loading import sdxl_unet_config_from_diffusers
 
 DENOISER_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -31,6 +34,14 @@ TEXT_ENCODER_PREFIXES: Mapping[str, tuple[tuple[str, str], ...]] = {
     "sdxl": (("clip_l", "conditioner.embedders.0.transformer."), ("clip_g", "conditioner.embedders.1.model.")),
     "sd3": (("clip_l", "text_encoders.clip_l."), ("clip_g", "text_encoders.clip_g."), ("t5xxl", "text_encoders.t5xxl.")),
 }
+
+# Diffusers pipeline folders: each family's text-encoder folders, in the trainer's order.
+FOLDER_TEXT_ENCODERS: Mapping[str, tuple[tuple[str, str], ...]] = {
+    "sd1": (("text_encoder", "text_encoder"),),
+    "sd2": (("text_encoder", "text_encoder"),),
+    "sdxl": (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2")),
+}
+SD2_CONTEXT_DIM = 1024  # OpenCLIP-H's width; SD1's CLIP-L gives 768
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4, "I16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1}
@@ -99,8 +110,10 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 def read_profile(checkpoint: Path, *, vae: Path | None = None, separate_text_encoders: Mapping[str, Path | None] = {}
                  ) -> ModelProfile:
-    """The profile of a single-file checkpoint, with a --vae file and (SD3) --clip_l/--clip_g/--t5xxl files in place
-    of the checkpoint's own parts."""
+    """The profile of a single-file checkpoint (or an SD1/SD2/SDXL diffusers folder), with a --vae file and (SD3)
+    --clip_l/--clip_g/--t5xxl files in place of the checkpoint's own parts."""
+    if checkpoint.is_dir():
+        return read_folder_profile(checkpoint, vae=vae)
     header = read_header(checkpoint)
     family = detect_family(header, str(checkpoint))
     denoiser_tensors = _under(header, DENOISER_PREFIX)
@@ -117,6 +130,30 @@ def read_profile(checkpoint: Path, *, vae: Path | None = None, separate_text_enc
     return ModelProfile(family=family, denoiser_config=config, denoiser=_component("denoiser", checkpoint, denoiser_tensors),
                         vae=_component("vae", vae or checkpoint, vae_tensors) if vae_tensors else None,
                         text_encoders=tuple(encoders), block_params=blocks, block_linear_params=linear)
+
+
+def read_folder_profile(folder: Path, *, vae: Path | None = None) -> ModelProfile:
+    """The profile of a diffusers pipeline folder: unet/config.json and the headers of each component's weights."""
+    if (folder / "transformer").is_dir():
+        raise CheckpointError(f"{folder}: an SD3 diffusers folder; the memory estimate reads SD3 single files")
+    sdxl = (folder / "text_encoder_2").is_dir()
+    unet_config = read_diffusers_config(folder / "unet")
+    config = sdxl_unet_config_from_diffusers(unet_config) if sdxl else unet_config_from_diffusers(unet_config)
+    family = "sdxl" if sdxl else "sd2" if config.context_dim == SD2_CONTEXT_DIM else "sd1"
+    encoders = tuple(_component(name, folder / part, _folder_header(folder / part), text=True)
+                     for name, part in FOLDER_TEXT_ENCODERS[family])
+    vae_component = (_component("vae", vae, _under(read_header(vae), VAE_PREFIX, keep_all=True)) if vae
+                     else _component("vae", folder / "vae", _folder_header(folder / "vae")))
+    return ModelProfile(family=family, denoiser_config=config,
+                        denoiser=_component("denoiser", folder / "unet", _folder_header(folder / "unet")),
+                        vae=vae_component, text_encoders=encoders)
+
+
+def _folder_header(component: Path) -> dict[str, TensorInfo]:
+    for name in DIFFUSERS_WEIGHT_FILES:
+        if name.endswith(".safetensors") and (component / name).is_file():
+            return read_header(component / name)
+    raise CheckpointError(f"{component}: no .safetensors weights (the memory estimate reads safetensors headers)")
 
 
 def meta_denoiser(profile: ModelProfile) -> torch.nn.Module:

@@ -181,3 +181,31 @@ def test_a_model_without_a_safetensors_header_still_gets_a_plan(tiny_sd1_checkpo
     assert plans[-1].profile is None and plans[-1].memory is None
     assert "not read: " in out and "model.ckpt" in out and "text-encoder groups unknown" in out
     assert [group.description for group in plans[-1].lr_groups] == ["unet"]
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_a_diffusers_folder_gets_the_same_sizes_and_estimate_as_its_single_file(family, request, tmp_path, plans,
+                                                                                no_model_loading):
+    """The folder's parts are read from their own headers (unet/, vae/, text_encoder*/) and its U-Net config from
+    unet/config.json: the same parameter counts, and so the same memory estimate, as the single file it came from."""
+    from diffusers_oracle import write_diffusers_folder, write_sdxl_diffusers_folder
+    from safetensors.torch import load_file
+
+    script, checkpoint, tokenizers = _scripts(request)[family]
+    folder = tmp_path / "pipeline"
+    if family == "sd1":
+        write_diffusers_folder(checkpoint, folder, v2=False)
+    else:
+        write_sdxl_diffusers_folder(load_file(str(checkpoint)), folder)
+    dataset = two_bucket_dataset(tmp_path / "data")
+    for model in (checkpoint, folder):
+        script.main(base_argv(model, tokenizers, dataset, tmp_path / "out", "--dry_run"))
+    single, from_folder = plans[-2], plans[-1]
+    assert from_folder.profile.family == single.profile.family == family
+    assert from_folder.profile.denoiser_config == single.profile.denoiser_config
+    for part in ("denoiser", "vae"):
+        assert getattr(from_folder.profile, part).params == getattr(single.profile, part).params
+    # OpenCLIP's bigG stores one scalar more (logit_scale) than the transformers model of a diffusers folder
+    assert [te.params for te in from_folder.profile.text_encoders] == pytest.approx(
+        [te.params for te in single.profile.text_encoders], abs=1)
+    assert from_folder.memory.peak_allocated == pytest.approx(single.memory.peak_allocated, rel=0.01)
