@@ -21,6 +21,7 @@ from library.checkpoint_profile import (
     LATENT_DOWNSCALE,
     ModelProfile,
     meta_denoiser,
+    read_header,
     read_profile,
 )
 from library.dataset import cache
@@ -167,14 +168,15 @@ def memory_inputs(args: argparse.Namespace, run: RunConfig, profile: ModelProfil
     t5_tokens = getattr(args, "t5xxl_max_token_length", None) or 256
     t5_off_gpu = (getattr(args, "t5xxl_device", None) or "").startswith("cpu")
     texts_on_gpu = not args.cache_text_encoder_outputs or args.highvram
+    file_ranks = _text_encoder_lora_params(args, len(profile.text_encoders))
     encoders = []
-    for te, trained in zip(profile.text_encoders, text_parts):
+    for index, (te, trained) in enumerate(zip(profile.text_encoders, text_parts)):
         t5_dtype = getattr(args, "t5xxl_dtype", None)
         bytes_per_param = {"fp32": 4, "float32": 4}.get(t5_dtype or "", weight_bytes) if te.is_t5 else weight_bytes
         encoders.append(TextEncoderLoad(
             name=te.name, params=te.params, linear_params=te.linear_params, bytes_per_param=bytes_per_param,
             on_gpu=texts_on_gpu and not (te.is_t5 and t5_off_gpu), fp8=fp8 and not getattr(args, "fp8_base_unet", False),
-            trained=trained, lora_params=rank * te.lora_sides,
+            trained=trained, lora_params=file_ranks[index] if file_ranks else rank * te.lora_sides,
             tokens=t5_tokens if te.is_t5 else (args.max_token_length or 75) + 2, width=te.width, layers=te.layers))
     has_t5 = any(te.is_t5 for te in profile.text_encoders)
     return MemoryInputs(
@@ -188,6 +190,20 @@ def memory_inputs(args: argparse.Namespace, run: RunConfig, profile: ModelProfil
         vae_on_gpu=not args.cache_latents or bool(args.sample_prompts) or args.highvram,
         vae_bytes_per_param=4 if args.no_half_vae else weight_bytes, latents_cached=args.cache_latents,
         text_encoders=tuple(encoders))
+
+
+def _text_encoder_lora_params(args: argparse.Namespace, count: int) -> list[int] | None:
+    """With --dim_from_weights the file sets the text encoders' LoRA sizes: per encoder, the parameters of its
+    lora_te (lora_te1, lora_te2, ...) modules as stored there. None otherwise, or when the file is not readable."""
+    if not (args.dim_from_weights and args.network_weights):
+        return None
+    try:
+        header = read_header(Path(args.network_weights))
+    except CheckpointError:
+        return None
+    prefixes = ["lora_te_"] if count == 1 else [f"lora_te{number}_" for number in range(1, count + 1)]
+    return [sum(info.numel for key, info in header.items() if key.startswith(prefix) and not key.endswith(".alpha"))
+            for prefix in prefixes]
 
 
 def _optimizer_lr_notes(optimizer_type: str) -> list[str]:

@@ -209,3 +209,19 @@ def test_a_diffusers_folder_gets_the_same_sizes_and_estimate_as_its_single_file(
     assert [te.params for te in from_folder.profile.text_encoders] == pytest.approx(
         [te.params for te in single.profile.text_encoders], abs=1)
     assert from_folder.memory.peak_allocated == pytest.approx(single.memory.peak_allocated, rel=0.01)
+
+
+def test_dim_from_weights_sizes_every_part_from_the_file(tiny_sd1_checkpoint, tokenizer_cache_dir, tmp_path, plans):
+    """With --dim_from_weights the LoRA the estimate counts is the file's, text encoder included, whatever
+    --network_dim says."""
+    from train_helpers import lora_tensors
+
+    dataset = two_bucket_dataset(tmp_path / "data")
+    trained = tmp_path / "first"
+    train_network.main(base_argv(tiny_sd1_checkpoint, tokenizer_cache_dir, dataset, trained, "--network_dim=8",
+                                 "--max_data_loader_n_workers=0"))
+    in_file = sum(t.numel() for key, t in lora_tensors(trained / "lora.safetensors").items() if not key.endswith(".alpha"))
+    train_network.main(base_argv(tiny_sd1_checkpoint, tokenizer_cache_dir, dataset, tmp_path / "out", "--network_dim=2",
+                                 f"--network_weights={trained / 'lora.safetensors'}", "--dim_from_weights", "--dry_run"))
+    [lora_term] = [term for term in plans[-1].memory.terms if term.name == "LoRA weights"]
+    assert f"{in_file:,} parameters" in lora_term.note
