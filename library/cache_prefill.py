@@ -77,6 +77,20 @@ def prefill(trainer: NetworkTrainer, models: Models, config: PrefillConfig, *, l
             logger.info("text-encoder outputs cached on disk for %d images", sum(len(s.items) for s in sets))
 
 
+def prefill_cli(trainer_class: type[NetworkTrainer], parser: argparse.ArgumentParser, argv: list[str] | None, *,
+                latents: bool, text: bool) -> None:
+    """What the cache tools run: the training script's flags and trainer, its models and cache keys, then the
+    chosen caches written to disk."""
+    from library.args import parse_args
+    from library.console import setup_logging
+
+    args = parse_args(parser, argv)
+    setup_logging(args)
+    trainer = trainer_class(args)
+    config = PrefillConfig.from_args(args, trainer.cache_keys(args))
+    prefill(trainer, trainer.prepare_models(args), config, latents=latents, text=text)
+
+
 def prefill_latent_cache(
     configs: Sequence[DatasetConfig],
     options: DatasetOptions,

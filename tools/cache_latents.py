@@ -6,18 +6,12 @@ a training run with the same flags and --cache_latents_to_disk then reuses the f
 
 from __future__ import annotations
 
-from library.args import parse_args
-from library.cache_prefill import PrefillConfig, prefill
-from library.console import setup_logging
+from library.cache_prefill import prefill_cli
 from train_network import SdNetworkTrainer, setup_parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(setup_parser(), argv)
-    setup_logging(args)
-    trainer = SdNetworkTrainer(args)
-    config = PrefillConfig.from_args(args, trainer.cache_keys(args))
-    prefill(trainer, trainer.prepare_models(args), config, latents=True, text=False)
+    prefill_cli(SdNetworkTrainer, setup_parser(), argv, latents=True, text=False)
 
 
 if __name__ == "__main__":
