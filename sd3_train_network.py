@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from library.args import UNSUPPORTED, setup_parser_for
+from library.args import CLIP_SKIP_IGNORED, UNSUPPORTED, setup_parser_for
 from library.args_groups import SD3_FLAGS, TRAINING_FLAGS
 from library.diffusion.flow_matching import FlowMatchingLossConfig, flow_matching_loss
 from library.fingerprint import file_identity
@@ -221,7 +221,8 @@ def draw_pos_embed_offset(rate: float, crop_range: tuple[int, int], generator: t
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    return setup_parser_for(TRAINING_FLAGS, SD3_FLAGS, unsupported=SD3_UNSUPPORTED, prog="sd3_train_network.py",
+    return setup_parser_for(TRAINING_FLAGS, SD3_FLAGS, unsupported=SD3_UNSUPPORTED,
+                            ignored_values=CLIP_SKIP_IGNORED, prog="sd3_train_network.py",
                             description="Train a LoRA for Stable Diffusion 3 / 3.5.")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from library.args import UNSUPPORTED, setup_parser_for
+from library.args import CLIP_SKIP_IGNORED, UNSUPPORTED, setup_parser_for
 from library.args_groups import SDXL_FLAGS, TRAINING_FLAGS
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
@@ -109,7 +109,8 @@ class SdxlNetworkTrainer(NetworkTrainer):
 
 
 def setup_parser() -> argparse.ArgumentParser:
-    return setup_parser_for(TRAINING_FLAGS, SDXL_FLAGS, unsupported=SDXL_UNSUPPORTED, prog="sdxl_train_network.py",
+    return setup_parser_for(TRAINING_FLAGS, SDXL_FLAGS, unsupported=SDXL_UNSUPPORTED,
+                            ignored_values=CLIP_SKIP_IGNORED, prog="sdxl_train_network.py",
                             description="Train a LoRA for SDXL.")
 
 

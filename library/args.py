@@ -5,12 +5,20 @@ checks that need no model.
 ``add_training_flags(parser)`` adds the same flags to a parser of your own); ``parse_args(parser)`` returns the
 one Namespace the rest of the program sees. It
 
-1. fills flags from ``--config_file`` (a flat TOML; command-line flags override it, as in sd-scripts),
-2. rejects flags listed in ``UNSUPPORTED`` when they are given a non-default value,
-3. rejects combinations that cannot work (``parser.error``: one line, exit status 2),
-4. folds sd-scripts' legacy spellings into their modern flags in a new Namespace (the legacy names are gone
+1. fills flags from ``--config_file`` (a flat TOML; command-line flags override it, as in sd-scripts; a key
+   that is no flag, as front ends such as the kohya_ss GUI write, is a warning, not an error),
+2. reads sd-scripts' spellings of "off" (``dynamo_backend = "no"``, ``max_token_length = 75``) as the default,
+3. rejects flags listed in ``UNSUPPORTED`` only when their value asks for the missing behaviour: the values
+   that mean "off" (unset, 0, "", false, the default, a family's ignored values) and settings of a feature that
+   is itself off (``zero_stage`` without ``--deepspeed``) pass with a debug note, so configs that write every key
+   still run,
+4. rejects combinations that cannot work (``parser.error``: one line, exit status 2),
+5. folds sd-scripts' legacy spellings into their modern flags in a new Namespace (the legacy names are gone
    from it, so nothing downstream can read them), and
-5. with ``--output_config``, writes the given flags to the ``--config_file`` path and exits 0.
+6. with ``--output_config``, writes the given flags to the ``--config_file`` path and exits 0.
+
+``parse_flags`` returns the notes of steps 1-3 for the caller to log once logging is set up; ``parse_args``
+logs them at once.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import difflib
 import json
 import logging
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
 from types import MappingProxyType
@@ -34,9 +42,10 @@ except ImportError:  # Python 3.10
     from toml import loads as _toml_loads
 
 __all__ = [
-    "HANDLED_HERE", "LEGACY_ALIASES", "OUR_ADDITIONS", "TRAINING_FLAGS", "UNSUPPORTED", "ConfigFileError",
-    "TrainingParser", "add_flag_groups", "add_training_flags", "config_path", "int_or_float", "merge_flag_groups",
-    "parse_args", "parse_resolution", "read_config_file", "setup_parser_for", "write_config_file",
+    "CLIP_SKIP_IGNORED", "HANDLED_HERE", "INERT_UNLESS", "LEGACY_ALIASES", "OFF_SPELLINGS", "OUR_ADDITIONS", "TRAINING_FLAGS",
+    "UNSUPPORTED", "ConfigFile", "ConfigFileError", "FlagNote", "TrainingParser", "add_flag_groups",
+    "add_training_flags", "config_path", "int_or_float", "log_notes", "merge_flag_groups", "parse_args",
+    "parse_flags", "parse_resolution", "read_config_file", "setup_parser_for", "write_config_file",
 ]
 
 logger = logging.getLogger(__name__)
@@ -72,7 +81,38 @@ UNSUPPORTED: Mapping[str, str] = MappingProxyType({
     "fused_backward_pass": "the fused backward pass is for full fine-tuning; LoRA training does not use it",
 })
 """Flags of train_network.py that this trainer rejects, each with the one-line reason the user sees.
-Delete an entry to accept the flag once the trainer implements it."""
+Delete an entry to accept the flag once the trainer implements it. Only a value that asks for the behaviour is
+rejected: see ``_asks_for`` (off values pass) and ``INERT_UNLESS``."""
+
+_HUB_SETTINGS = ("huggingface_repo_type", "huggingface_path_in_repo", "huggingface_token",
+                 "huggingface_repo_visibility", "async_upload")
+_DEEPSPEED_SETTINGS = ("zero_stage", "offload_optimizer_device", "offload_optimizer_nvme_path", "offload_param_device",
+                       "offload_param_nvme_path", "zero3_init_flag", "zero3_save_16bit_model",
+                       "fp16_master_weights_and_gradients")
+INERT_UNLESS: Mapping[str, str] = MappingProxyType({
+    **{name: "huggingface_repo_id" for name in _HUB_SETTINGS},
+    **{name: "deepspeed" for name in _DEEPSPEED_SETTINGS},
+    "noise_offset_random_strength": "noise_offset",
+    "adaptive_noise_scale": "noise_offset",
+    "ip_noise_gamma_random_strength": "ip_noise_gamma",
+    "multires_noise_discount": "multires_noise_iterations",
+})
+"""Settings of a feature that do nothing unless the flag on the right turns the feature on (as in sd-scripts).
+A rejected setting is only refused when its feature is on, so configs that write every key at its default pass."""
+
+OFF_SPELLINGS: Mapping[str, Any] = MappingProxyType({"dynamo_backend": "no", "max_token_length": 75})
+"""Values sd-scripts and its front ends write for "off" / "the default", read as the flag's default here:
+accelerate's ``dynamo_backend = "no"`` (nothing is compiled without --torch_compile) and the kohya_ss GUI's
+``max_token_length = 75`` (sd-scripts' default caption length). Both are among the flags' choices."""
+
+CLIP_SKIP_IGNORED: Mapping[str, tuple[Any, ...]] = MappingProxyType({"clip_skip": (1, 2)})
+"""For families that always condition on fixed layers (SDXL, SD3), where sd-scripts ignores --clip_skip: the values
+front ends write by default (1, or 2 for "penultimate") are noted, any other value is refused."""
+
+_CLOSEST_FLAG = MappingProxyType({"epoch": "max_train_epochs", "max_resolution": "resolution",
+                                  "lr_warmup": "lr_warmup_steps", "optimizer": "optimizer_type"})
+"""Keys that front ends write which are no flag, and the flag that does what the key's name says (difflib finds
+no close spelling for these)."""
 
 LEGACY_ALIASES: Mapping[str, str] = MappingProxyType({
     "caption_extention": "caption_extension",
@@ -93,7 +133,8 @@ SDXL and SD3 (same names there); we offer it for SD1.x/2.x too. --dry_run is our
 
 _REJECTED_TITLE = "not supported (rejected if given)"
 _REJECTED_DESCRIPTION = ("sd-scripts has these flags but this trainer does not implement them; rather than "
-                         "ignore one silently, training stops with the reason when it is given a non-default value.")
+                         "ignore one silently, training stops with the reason when a value asks for the missing "
+                         "behaviour (an off value such as 0, \"\" or false is accepted).")
 
 
 _METAVARS: Mapping[Any, str] = MappingProxyType(
@@ -101,7 +142,28 @@ _METAVARS: Mapping[Any, str] = MappingProxyType(
 
 
 class ConfigFileError(ValueError):
-    """A --config_file that cannot be read, or holds a key or value no flag accepts."""
+    """A --config_file that cannot be read, or holds a value no flag accepts."""
+
+
+@dataclass(frozen=True)
+class FlagNote:
+    """Something parsing decided that the user should hear about once logging is set up."""
+
+    level: int  # a logging level
+    message: str
+
+
+def log_notes(notes: Iterable[FlagNote]) -> None:
+    for note in notes:
+        logger.log(note.level, "%s", note.message)
+
+
+@dataclass(frozen=True)
+class ConfigFile:
+    """The flag values of a --config_file, typed, and one message per key that names no flag (ignored)."""
+
+    values: dict[str, Any]
+    ignored: tuple[str, ...]
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -119,16 +181,32 @@ class TrainingParser(argparse.ArgumentParser):
     """An ArgumentParser built from a flag table; it keeps the table, so parse_args knows which flags it
     rejects and why, how to type --config_file values and where --output_config puts each flag."""
 
-    def __init__(self, groups: Sequence[FlagGroup], unsupported: Mapping[str, str], **kwargs: Any) -> None:
+    def __init__(self, groups: Sequence[FlagGroup], unsupported: Mapping[str, str],
+                 ignored_values: Mapping[str, tuple[Any, ...]] | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("usage", "%(prog)s [--flag value ...]  (or --config_file FILE.toml)")
         super().__init__(formatter_class=_HelpFormatter, **kwargs)
         self.flag_groups = tuple(groups)
         self.unsupported: Mapping[str, str] = MappingProxyType(dict(unsupported))
+        # Values of rejected flags that this family ignores, as sd-scripts does (SDXL's clip_skip 1 or 2).
+        self.ignored_values: Mapping[str, tuple[Any, ...]] = MappingProxyType(dict(ignored_values or {}))
+        if set(self.ignored_values) - set(self.unsupported):
+            raise ValueError(f"ignored values are for rejected flags only: {sorted(set(self.ignored_values) - set(self.unsupported))}")
         self.flag_actions = add_flag_groups(self, self.flag_groups, self.unsupported)
 
     def error(self, message: str) -> NoReturn:
-        """One line on stderr and exit 2; argparse's default would print the usage of ~190 flags first."""
+        """One line on stderr and exit 2; argparse's default would print the usage of ~190 flags first.
+        A misspelt flag gets the closest real one."""
+        if message.startswith("unrecognized arguments:"):
+            message += "".join(_spelling_hints(self, message.split(":", 1)[1].split()))
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _spelling_hints(parser: argparse.ArgumentParser, words: list[str]) -> Iterator[str]:
+    for word in words:
+        if word.startswith("--"):
+            close = difflib.get_close_matches(word[2:].split("=", 1)[0], _flags(parser), n=1)
+            if close:
+                yield f" (did you mean --{close[0]}?)"
 
 
 def add_flag_groups(parser: argparse.ArgumentParser, groups: Sequence[FlagGroup],
@@ -183,41 +261,61 @@ def merge_flag_groups(*flag_sets: Iterable[FlagGroup]) -> tuple[FlagGroup, ...]:
 
 
 def setup_parser_for(*flag_sets: Iterable[FlagGroup], unsupported: Mapping[str, str] = UNSUPPORTED,
-                     prog: str | None = None, description: str | None = None) -> TrainingParser:
+                     ignored_values: Mapping[str, tuple[Any, ...]] | None = None, prog: str | None = None,
+                     description: str | None = None) -> TrainingParser:
     """The parser of an entry script: ``setup_parser_for(TRAINING_FLAGS)`` for train_network.py; a family
-    passes its own groups too, e.g. ``setup_parser_for(TRAINING_FLAGS, SDXL_FLAGS)``."""
-    return TrainingParser(merge_flag_groups(*flag_sets), unsupported, prog=prog, description=description)
+    passes its own groups too, e.g. ``setup_parser_for(TRAINING_FLAGS, SDXL_FLAGS)``. ``ignored_values`` names,
+    per rejected flag, values the family accepts because it ignores the flag (noted, not refused)."""
+    return TrainingParser(merge_flag_groups(*flag_sets), unsupported, ignored_values, prog=prog,
+                          description=description)
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The validated flags of one run (see the module docstring for the steps). Exits on bad input."""
+    """parse_flags, logging its notes at once (entry scripts log them after setting up logging)."""
+    args, notes = parse_flags(parser, argv)
+    log_notes(notes)
+    return args
+
+
+def parse_flags(parser: argparse.ArgumentParser,
+                argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[FlagNote]]:
+    """The validated flags of one run and the notes parsing made (see the module docstring for the steps).
+    Exits on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     given = parser.parse_args(argv)
     missing = {f.name for f in _flags(parser).values()} - set(vars(given))
     if missing:
         raise TypeError(f"parse_args needs a parser from setup_parser_for() or add_training_flags(); this one "
                         f"lacks {len(missing)} of their flags, e.g. --{sorted(missing)[0]}")
+    notes: list[FlagNote] = []
     try:
-        raw = _with_config_file(parser, given, argv)
+        raw = _with_config_file(parser, given, argv, notes)
     except ConfigFileError as error:
         parser.error(str(error))
-    problem = next(chain(_unsupported_flags(parser, raw), _conflicts(raw)), None)
+    read = _read_off_spellings(parser, raw, notes)
+    problem = next(_unsupported_flags(parser, read, notes), None)
     if problem:
         parser.error(problem)
-    args = _normalised(parser, raw)
+    # A rejected flag that got here does nothing: the rest of the program sees its default.
+    read = argparse.Namespace(**{**vars(read), **{name: parser.get_default(name) for name in _unsupported(parser)}})
+    problem = next(_conflicts(read), None)
+    if problem:
+        parser.error(problem)
+    args = _normalised(parser, read, notes)
     if raw.output_config:
         _output_config(parser, raw)
-    return args
+    return args, notes
 
 
-def _with_config_file(parser: argparse.ArgumentParser, given: argparse.Namespace,
-                      argv: list[str]) -> argparse.Namespace:
+def _with_config_file(parser: argparse.ArgumentParser, given: argparse.Namespace, argv: list[str],
+                      notes: list[FlagNote]) -> argparse.Namespace:
     """Parse again on top of the file's values: argparse only fills in defaults for flags the namespace lacks,
     so the file's values act as defaults and the command line still overrides them."""
     if not given.config_file or given.output_config:
         return given
-    values = read_config_file(parser, config_path(given.config_file))
-    return parser.parse_args(argv, namespace=argparse.Namespace(**values))
+    config = read_config_file(parser, config_path(given.config_file))
+    notes += [FlagNote(logging.WARNING, message) for message in config.ignored]
+    return parser.parse_args(argv, namespace=argparse.Namespace(**config.values))
 
 
 def _output_config(parser: argparse.ArgumentParser, raw: argparse.Namespace) -> NoReturn:
@@ -245,10 +343,49 @@ def _unsupported(parser: argparse.ArgumentParser) -> Mapping[str, str]:
     return parser.unsupported if isinstance(parser, TrainingParser) else UNSUPPORTED
 
 
-def _unsupported_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Iterator[str]:
-    for name, reason in _unsupported(parser).items():
-        if getattr(args, name) != parser.get_default(name):
+def _unsupported_flags(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                       notes: list[FlagNote]) -> Iterator[str]:
+    """A rejected flag fails only when its value asks for what is missing; any other value it holds is noted
+    (and then replaced by the default)."""
+    unsupported = _unsupported(parser)
+    ignored = parser.ignored_values if isinstance(parser, TrainingParser) else {}
+    for name, reason in unsupported.items():
+        value = getattr(args, name)
+        if value == parser.get_default(name):
+            continue
+        master = INERT_UNLESS.get(name)
+        if value in ignored.get(name, ()):
+            notes.append(FlagNote(logging.INFO, f"--{name} {value} has no effect here: {reason}"))
+        elif not _asks_for(value):
+            notes.append(FlagNote(logging.DEBUG, f"--{name} {value!r} is off, as its default; accepted ({reason})"))
+        elif master and not _asks_for(getattr(args, master)):
+            notes.append(FlagNote(logging.DEBUG, f"--{name} {value!r} does nothing without --{master}; accepted"))
+        else:
             yield f"--{name} is not supported: {reason}"
+
+
+def _asks_for(value: Any) -> bool:
+    """Whether a flag value turns something on: unset, false, zero, "" and an empty list are off."""
+    if value is None or isinstance(value, bool):
+        return bool(value)
+    if isinstance(value, (int, float)):
+        return value != 0
+    return len(value) > 0 if isinstance(value, (str, list, tuple)) else True
+
+
+def _read_off_spellings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                        notes: list[FlagNote]) -> argparse.Namespace:
+    """sd-scripts' and accelerate's spellings of "off" become the flag's default (see OFF_SPELLINGS)."""
+    off = {name: spelling for name, spelling in OFF_SPELLINGS.items() if getattr(args, name) == spelling}
+    if not off:
+        return args
+    if "dynamo_backend" in off and args.torch_compile:
+        parser.error("--torch_compile with --dynamo_backend no compiles nothing; pick a backend (e.g. inductor) or "
+                     "drop --torch_compile")
+    for name, spelling in off.items():
+        notes.append(FlagNote(logging.DEBUG, f"--{name} {spelling!r} means the default here "
+                                             f"({parser.get_default(name)!r})"))
+    return argparse.Namespace(**{**vars(args), **{name: parser.get_default(name) for name in off}})
 
 
 # --- config files -------------------------------------------------------------------------------------------
@@ -259,11 +396,12 @@ def config_path(config_file: str) -> Path:
     return Path(config_file if config_file.endswith(".toml") else config_file + ".toml")
 
 
-def read_config_file(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+def read_config_file(parser: argparse.ArgumentParser, path: Path) -> ConfigFile:
     """Flag values from a TOML file, typed as the command line would type them.
 
-    Tables are only for people: every key at any depth names a flag. Unknown keys, a key set twice and
-    values of the wrong type are errors naming the key and the file.
+    Tables are only for people: every key at any depth names a flag. A key that names no flag is ignored with a
+    message naming the closest flag (sd-scripts ignores such keys, and front ends write some); a key set twice
+    and values of the wrong type are errors naming the key and the file.
     """
     if not path.is_file():
         raise ConfigFileError(f"--config_file {path}: no such file")
@@ -272,14 +410,20 @@ def read_config_file(parser: argparse.ArgumentParser, path: Path) -> dict[str, A
     except (ValueError, UnicodeDecodeError) as error:
         raise ConfigFileError(f"--config_file {path} is not valid TOML: {error}") from None
     values: dict[str, Any] = {}
+    ignored: list[str] = []
     sections: dict[str, str] = {}
     for key, value, section in _flat_items(document, ""):
         if key in sections:
             raise ConfigFileError(f"{path}: '{key}' is set twice (in {sections[key] or 'the top level'} and "
                                   f"{section or 'the top level'}); keep one")
         sections[key] = section
-        values[key] = _typed_value(parser, path, key, value)
-    return values
+        if key in _COMMAND_LINE_ONLY:
+            raise ConfigFileError(f"{path}: '{key}' cannot be set inside a config file; give it on the command line")
+        if key in _flags(parser):
+            values[key] = _typed_value(parser, path, key, value)
+        else:
+            ignored.append(_unknown_key_message(parser, path, key))
+    return ConfigFile(values, tuple(ignored))
 
 
 def _flat_items(table: Mapping[str, Any], section: str) -> Iterator[tuple[str, Any, str]]:
@@ -291,7 +435,7 @@ def _flat_items(table: Mapping[str, Any], section: str) -> Iterator[tuple[str, A
 
 
 _TOML_TYPES: Mapping[Any, tuple[tuple[type, ...], str]] = MappingProxyType({
-    int: ((int,), "a whole number"),
+    int: ((int, float), "a whole number"),
     float: ((int, float), "a number"),
     int_or_float: ((int, float), "a step count or a ratio"),
     str: ((str,), "a string"),
@@ -300,26 +444,29 @@ _TOML_TYPES: Mapping[Any, tuple[tuple[type, ...], str]] = MappingProxyType({
 
 
 def _typed_value(parser: argparse.ArgumentParser, path: Path, key: str, value: Any) -> Any:
-    f = _flags(parser).get(key)
-    if f is None or key in _COMMAND_LINE_ONLY:
-        raise ConfigFileError(_unknown_key_message(parser, path, key))
+    f = _flags(parser)[key]
     if f.options.get("action") == "store_true":
-        if not isinstance(value, bool):
+        # Front ends write some switches as 0/1 (the kohya_ss GUI: persistent_data_loader_workers = 0).
+        if not isinstance(value, bool) and value not in (0, 1):
             raise ConfigFileError(f"{path}: '{key}' is an on/off flag; write {key} = true or false")
-        return value
+        return bool(value)
     if f.options.get("nargs") in ("*", "+"):
         if not isinstance(value, list):
             raise ConfigFileError(f"{path}: '{key}' takes several values; write {key} = [{_toml_value(value)}]")
-        return [_typed_scalar(f, path, item) for item in value]
-    return _typed_scalar(f, path, value)
+        return [_typed_scalar(f, path, item, key in _unsupported(parser)) for item in value]
+    return _typed_scalar(f, path, value, key in _unsupported(parser))
 
 
-def _typed_scalar(f: Flag, path: Path, value: Any) -> Any:
+def _typed_scalar(f: Flag, path: Path, value: Any, rejected: bool) -> Any:
     convert = f.options["type"]
     accepted, expected = _TOML_TYPES[convert]
     wrong = ConfigFileError(f"{path}: '{f.name}' must be {expected}, not {value!r}")
     if isinstance(value, bool) or not isinstance(value, (str, *accepted)):
         raise wrong
+    if convert is int and isinstance(value, float):
+        if not value.is_integer():  # front ends write whole numbers as 64.0
+            raise wrong
+        value = int(value)
     # Text converts exactly as it would on the command line; int_or_float reads numbers as text too.
     as_text = isinstance(value, str) or convert is int_or_float
     try:
@@ -327,18 +474,17 @@ def _typed_scalar(f: Flag, path: Path, value: Any) -> Any:
     except (ValueError, argparse.ArgumentTypeError):
         raise wrong from None
     choices = f.options.get("choices")
-    if choices is not None and typed not in choices:
+    # An off value of a rejected flag need not be one of its choices: it asks for nothing (offload_param_device = "").
+    if choices is not None and typed not in choices and not (rejected and not _asks_for(typed)):
         listed = ", ".join(repr(c) for c in choices if c is not None)
         raise ConfigFileError(f"{path}: '{f.name}' must be one of {listed}, not {value!r}")
     return typed
 
 
 def _unknown_key_message(parser: argparse.ArgumentParser, path: Path, key: str) -> str:
-    if key in _COMMAND_LINE_ONLY:
-        return f"{path}: '{key}' cannot be set inside a config file; give it on the command line"
-    close = difflib.get_close_matches(key, _flags(parser), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"{path}: unknown key '{key}'{hint}; it is not a flag of {parser.prog}"
+    close = _CLOSEST_FLAG.get(key) or next(iter(difflib.get_close_matches(key, _flags(parser), n=1)), None)
+    hint = f" (the closest flag is '{close}')" if close else ""
+    return f"{path}: '{key}' is not a flag of {parser.prog}; ignored{hint}"
 
 
 def write_config_file(parser: argparse.ArgumentParser, args: argparse.Namespace, path: Path) -> None:
@@ -477,7 +623,8 @@ def _noise_conflicts(args: argparse.Namespace) -> Iterator[str]:
             yield f"timesteps must satisfy 0 <= --min_timestep < --max_timestep <= 1000 (got {low} and {high})"
 
 
-def _normalised(parser: argparse.ArgumentParser, raw: argparse.Namespace) -> argparse.Namespace:
+def _normalised(parser: argparse.ArgumentParser, raw: argparse.Namespace,
+                notes: list[FlagNote]) -> argparse.Namespace:
     """A new Namespace with the legacy spellings folded in and sd-scripts' implied settings applied."""
     values = {name: value for name, value in vars(raw).items() if name not in LEGACY_ALIASES}
     if raw.caption_extention is not None:
@@ -492,9 +639,9 @@ def _normalised(parser: argparse.ArgumentParser, raw: argparse.Namespace) -> arg
         values["cache_text_encoder_outputs"] = True
     for name in ("sample_every_n_steps", "sample_every_n_epochs"):
         if values[name] is not None and values[name] <= 0:
-            logger.warning("--%s %s turns preview images off, as in sd-scripts", name, values[name])
+            notes.append(FlagNote(logging.WARNING, f"--{name} {values[name]} turns preview images off, as in sd-scripts"))
             values[name] = None
     if raw.max_train_epochs is not None and raw.max_train_steps != parser.get_default("max_train_steps"):
-        logger.warning("--max_train_epochs %d overrides --max_train_steps %d", raw.max_train_epochs,
-                       raw.max_train_steps)
+        notes.append(FlagNote(logging.WARNING, f"--max_train_epochs {raw.max_train_epochs} overrides "
+                                               f"--max_train_steps {raw.max_train_steps}"))
     return argparse.Namespace(**values)

@@ -69,8 +69,9 @@ _LR_SCHEDULERS = ("linear, cosine, cosine_with_restarts, polynomial, constant, c
                   "cosine_with_min_lr, warmup_stable_decay, inverse_sqrt, piecewise_constant, adafactor")
 _SAMPLERS = ["ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpm_2", "dpm_2_a", "dpmsolver", "dpmsolver++",
              "dpmsingle", "k_lms", "k_euler", "k_euler_a", "k_dpm_2", "k_dpm_2_a"]
+# "no" is accelerate's spelling of "do not compile", which the kohya_ss GUI writes (sd-scripts' choices lack it).
 _DYNAMO_BACKENDS = ["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims_nvfuser", "cudagraphs", "ofi",
-                    "fx2trt", "onnxrt", "tensort", "ipex", "tvm"]
+                    "fx2trt", "onnxrt", "tensort", "ipex", "tvm", "no"]
 _INTERPOLATIONS = ["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"]
 
 MODEL = FlagGroup("model", "model", "The base checkpoint to train on and how to read it.", (
@@ -83,7 +84,7 @@ MODEL = FlagGroup("model", "model", "The base checkpoint to train on and how to 
          metavar="DIR"),
     flag("clip_skip", "condition on the text encoder's N-th layer from the end (1 = last layer)", type=int),
     flag("max_token_length", "caption length in tokens: 75 when unset, or 150/225 in chunks of 75",
-         type=int, choices=[None, 150, 225]),
+         type=int, choices=[None, 75, 150, 225]),
     switch("no_half_vae", "keep the VAE in float32 under --mixed_precision"),
 ))
 

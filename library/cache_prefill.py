@@ -81,11 +81,12 @@ def prefill_cli(trainer_class: type[NetworkTrainer], parser: argparse.ArgumentPa
                 latents: bool, text: bool) -> None:
     """What the cache tools run: the training script's flags and trainer, its models and cache keys, then the
     chosen caches written to disk."""
-    from library.args import parse_args
+    from library.args import log_notes, parse_flags
     from library.console import setup_logging
 
-    args = parse_args(parser, argv)
+    args, notes = parse_flags(parser, argv)
     setup_logging(args)
+    log_notes(notes)
     trainer = trainer_class(args)
     config = PrefillConfig.from_args(args, trainer.cache_keys(args))
     prefill(trainer, trainer.prepare_models(args), config, latents=latents, text=text)

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from tqdm import tqdm
 
-from library.args import parse_args
+from library.args import log_notes, parse_flags
 from library.console import exit_on_user_error, setup_logging
 from library.dataset.cache import latent_cache_conflicts, text_cache_conflicts
 from library.dataset.config import DatasetOptions, load_dataset_configs
@@ -491,8 +491,9 @@ def run_cli(trainer_class: type[NetworkTrainer], parser: argparse.ArgumentParser
             resolve: Callable[[argparse.Namespace], argparse.Namespace] | None = None) -> None:
     """What every entry script's main() does: parse, set up logging, train, report expected errors in one line.
     `resolve` derives family-specific values from the parsed flags (it may raise a user error)."""
-    args = parse_args(parser, argv)
+    args, notes = parse_flags(parser, argv)
     setup_logging(args)
+    log_notes(notes)
 
     def run() -> None:
         resolved = resolve(args) if resolve else args

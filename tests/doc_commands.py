@@ -460,7 +460,7 @@ def _sample_value(action: argparse.Action) -> list[str]:
         value = next(c for c in action.choices if c is not None and c != action.default)
         return [action.option_strings[-1], str(value)]
     kind = action.type
-    value = {int: "2", float: "0.5"}.get(kind, "x")
+    value = {int: "7", float: "0.5"}.get(kind, "x")  # 7: not a value a family ignores (clip_skip 1/2 on SDXL)
     return [action.option_strings[-1], value]
 
 
@@ -562,10 +562,12 @@ def _validate_flag_file(text: str, scripts: tuple[str, ...], source: str) -> lis
         path.write_text(text, encoding="utf-8")
         for script in scripts:
             try:
-                read_config_file(build_parser(script), path)
-                return []
+                ignored = read_config_file(build_parser(script), path).ignored
             except ConfigFileError as error:
-                problems.append(f"{source}: {str(error).replace(str(path), 'config file')}")
+                ignored = (str(error),)
+            if not ignored:
+                return []
+            problems.append(f"{source}: {ignored[0].replace(str(path), 'config file')}")
     return problems[:1]
 
 

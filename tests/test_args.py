@@ -128,11 +128,10 @@ def test_config_file_strings_convert_as_on_the_command_line(parser, tmp_path):
 
 
 @pytest.mark.parametrize("text, words", [
-    ("learnig_rate = 1e-4\n", ["unknown key 'learnig_rate'", "did you mean 'learning_rate'"]),
-    ("[x]\nnot_a_flag = 1\n", ["unknown key 'not_a_flag'"]),
     ("network_dim = true\n", ["'network_dim' must be a whole number"]),
     ("network_dim = 1.5\n", ["'network_dim' must be a whole number"]),
-    ("shuffle_caption = 1\n", ["'shuffle_caption' is an on/off flag"]),
+    ("shuffle_caption = 2\n", ["'shuffle_caption' is an on/off flag"]),
+    ("shuffle_caption = \"yes\"\n", ["'shuffle_caption' is an on/off flag"]),
     ("output_name = 3\n", ["'output_name' must be a string"]),
     ("network_args = \"conv_dim=4\"\n", ["'network_args' takes several values"]),
     ("mixed_precision = \"fp32\"\n", ["'mixed_precision' must be one of 'no', 'fp16', 'bf16'"]),
@@ -234,9 +233,9 @@ def test_epochs_override_steps_with_a_warning(parser, caplog):
 
 @pytest.mark.parametrize("argv, name", [
     (["--deepspeed"], "deepspeed"),
-    (["--zero_stage", "3"], "zero_stage"),
+    (["--zero_stage", "3", "--deepspeed"], "deepspeed"),
     (["--huggingface_repo_id", "me/lora"], "huggingface_repo_id"),
-    (["--fp8_base"], "fp8_base"),
+    (["--dataset_class", "my.Dataset"], "dataset_class"),
 ])
 def test_unsupported_flags_exit_with_their_reason(parser, capsys, argv, name):
     message = _error(parser, argv, capsys)

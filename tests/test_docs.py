@@ -109,7 +109,7 @@ def test_toml_blocks_are_checked_as_the_files_they_stand_for():
     [problem] = check_structured_block(block(flags), ("train_network.py",))
     assert "'network_dim' must be a whole number" in problem
     [problem] = check_structured_block(block("weighting_scheme = 'sigma_sqrt'\n"), ("train_network.py",))
-    assert "unknown key 'weighting_scheme'" in problem
+    assert "'weighting_scheme' is not a flag of train_network.py" in problem
     assert check_structured_block(block("weighting_scheme = 'sigma_sqrt'\n"), ("sd3_train_network.py",)) == []
     assert check_structured_block(block('{"a": 1,}', "json"), ())[0].startswith("d.md:10: not valid JSON")
     assert check_structured_block(block("import torch\npipe.load_lora_weights('x'\n", "python"), ()) == [
