@@ -15,6 +15,8 @@ import torch
 from torch import LongTensor, Tensor, nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from library.prompt_weights import parse_prompt_weights
+
 
 def num_chunks(max_token_length: int | None, body_length: int = 75) -> int:
     """Windows a ``--max_token_length`` needs: None or 75 -> 1, 150 -> 2, 225 -> 3."""
@@ -34,12 +36,57 @@ def tokenize_chunked(tokenizer: CLIPTokenizer, captions: Sequence[str], max_toke
     other than <EOS> (SD2, SDXL's second encoder), windows are closed the way sd-scripts closes them: a window
     cut off inside the text ends in <EOS> rather than padding, and an all-padding window starts ``<BOS> <EOS>``.
     """
-    window = tokenizer.model_max_length
-    body = window - 2
+    body = tokenizer.model_max_length - 2
     chunks = num_chunks(max_token_length, body)
     ids = tokenizer(
         list(captions), padding="max_length", truncation=True, max_length=chunks * body + 2, return_tensors="pt"
     ).input_ids
+    return _windows(tokenizer, ids, chunks)
+
+
+def tokenize_weighted_chunked(
+    tokenizer: CLIPTokenizer, captions: Sequence[str], max_token_length: int | None
+) -> tuple[LongTensor, Tensor]:
+    """``tokenize_chunked`` for captions with prompt weights (``--weighted_captions``): the token ids (B, n, 77)
+    of the text with its weighting brackets read (``library.prompt_weights``), and the weight (B, 77 + 75*(n-1))
+    of each position of the joined conditioning ``encode_chunked`` returns.
+
+    Every token of a weighted span carries the span's weight; <BOS>, <EOS>, padding and the window edges 1.0.
+    Each span is tokenized alone, as sd-scripts does, so a bracket also ends a word. Text without brackets
+    gives exactly ``tokenize_chunked``'s ids and all-ones weights.
+    """
+    body = tokenizer.model_max_length - 2
+    chunks = num_chunks(max_token_length, body)
+    room = chunks * body
+    spans = [parse_prompt_weights(caption) for caption in captions]
+    # Each span is cut to the room there is (the joined tokens are cut again below), which also keeps the
+    # tokenizer from warning that a long caption overflows the model.
+    texts = [text for caption in spans for text, _ in caption]
+    span_ids = iter(tokenizer(texts, add_special_tokens=False, truncation=True, max_length=room).input_ids)
+    rows, weights = [], []
+    for caption in spans:
+        pieces = [(next(span_ids), weight) for _, weight in caption]
+        ids = [token for piece, _ in pieces for token in piece][:room]
+        row_weights = [weight for piece, weight in pieces for _ in piece][:room]
+        padding = room - len(ids)
+        rows.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * padding)
+        weights.append([1.0, *row_weights] + [1.0] * (padding + 1))
+    return _windows(tokenizer, torch.tensor(rows), chunks), torch.tensor(weights, dtype=torch.float32)
+
+
+def apply_token_weights(hidden: Tensor, weights: Tensor) -> Tensor:
+    """Scale each conditioning position (B, L, D) by its weight (B, L), in float32 as sd-scripts does.
+
+    The mean is not restored afterwards: sd-scripts' training path has not re-normalised it since its
+    tokenize/encode rework (its older helper and its preview pipeline still do)."""
+    if weights.shape != hidden.shape[:2]:
+        raise ValueError(f"token weights {tuple(weights.shape)} do not match the conditioning {tuple(hidden.shape)}")
+    return hidden * weights.to(hidden.device, torch.float32).unsqueeze(-1)
+
+
+def _windows(tokenizer: CLIPTokenizer, ids: LongTensor, chunks: int) -> LongTensor:
+    """Padded ids (B, 75n + 2) cut into n windows (B, n, 77)."""
+    body = tokenizer.model_max_length - 2
     first, last = ids[:, :1], ids[:, -1:]
     windows = [torch.cat([first, ids[:, 1 + k * body : 1 + (k + 1) * body], last], dim=1) for k in range(chunks)]
     stacked = torch.stack(windows, dim=1)

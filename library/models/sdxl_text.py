@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import LongTensor, Tensor
+from torch import Tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from library.models.clip_text import tokenize_chunked
+from library.models.clip_text import apply_token_weights, tokenize_chunked, tokenize_weighted_chunked
 from library.models.tokenizers import CLIP_G_TOKENIZER_ID, CLIP_L_TOKENIZER_ID, load_clip_tokenizer
 
 # OpenCLIP's tokenizer pads with id 0 ("!"); sd-scripts sets it on the bigG tokenizer it loads from the hub.
@@ -51,15 +51,24 @@ def load_sdxl_tokenizers(cache_dir: str | Path | None) -> SdxlTokenizers:
 
 
 def tokenize_sdxl(
-    tokenizers: SdxlTokenizers, captions: Sequence[str], max_token_length: int | None = None
-) -> dict[str, LongTensor]:
+    tokenizers: SdxlTokenizers, captions: Sequence[str], max_token_length: int | None = None, *, weighted: bool = False
+) -> dict[str, Tensor]:
     """Token ids ``clip_l_ids`` and ``clip_g_ids``, each (B, n, 77) with n = 1, 2, 3 windows for
-    ``--max_token_length`` None/75, 150, 225. The two differ only after the caption's <EOS> (padding)."""
+    ``--max_token_length`` None/75, 150, 225. The two differ only after the caption's <EOS> (padding).
+
+    ``weighted`` (``--weighted_captions``) reads the captions' prompt weights: the ids are those of the text
+    without its weighting brackets, and ``clip_l_weights`` / ``clip_g_weights`` (B, 77 + 75*(n-1)) hold the
+    weight of each position of the two encoders' joined hidden states (``encode_sdxl`` applies them).
+    """
     captions = list(captions)
-    return {
-        "clip_l_ids": tokenize_chunked(tokenizers.clip_l, captions, max_token_length),
-        "clip_g_ids": tokenize_chunked(tokenizers.clip_g, captions, max_token_length),
-    }
+    if not weighted:
+        return {
+            "clip_l_ids": tokenize_chunked(tokenizers.clip_l, captions, max_token_length),
+            "clip_g_ids": tokenize_chunked(tokenizers.clip_g, captions, max_token_length),
+        }
+    ids_l, weights_l = tokenize_weighted_chunked(tokenizers.clip_l, captions, max_token_length)
+    ids_g, weights_g = tokenize_weighted_chunked(tokenizers.clip_g, captions, max_token_length)
+    return {"clip_l_ids": ids_l, "clip_g_ids": ids_g, "clip_l_weights": weights_l, "clip_g_weights": weights_g}
 
 
 def encode_sdxl(
@@ -71,6 +80,9 @@ def encode_sdxl(
 
     Returns ``hidden_states`` (B, 77 + 75*(n-1), D_l + D_g) and ``pooled`` (B, bigG projection width), on the
     device of ``text_encoder_l``; the dtype is the wider of the two encoders' output dtypes.
+
+    Token weights in ``tokens`` scale each encoder's hidden states position by position (in float32), as
+    sd-scripts weights them; the pooled output is left unweighted, as there.
     """
     ids_l, ids_g = tokens["clip_l_ids"], tokens["clip_g_ids"]
     if ids_l.ndim != 3 or ids_l.shape != ids_g.shape:
@@ -83,6 +95,9 @@ def encode_sdxl(
     output_g = text_encoder_g(ids_g.flatten(0, 1).to(text_encoder_g.device), output_hidden_states=True)
     hidden_l = join_windows(output_l.hidden_states[-2], windows)
     hidden_g = join_windows(output_g.hidden_states[-2], windows).to(hidden_l.device)
+    if "clip_l_weights" in tokens:
+        hidden_l = apply_token_weights(hidden_l, tokens["clip_l_weights"])
+        hidden_g = apply_token_weights(hidden_g, tokens["clip_g_weights"])
     # text_embeds is the projected final-layer state at the first <EOS> (our configs name <EOS> as eos_token_id).
     pooled = output_g.text_embeds.unflatten(0, (batch, windows))[:, 0]
     return {"hidden_states": torch.cat([hidden_l, hidden_g], dim=-1), "pooled": pooled.to(hidden_l.device)}
