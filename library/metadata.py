@@ -45,6 +45,8 @@ _TEXT_FIELDS = frozenset({
     "validation_seed", "validation_split", "max_validation_steps", "validate_every_n_epochs", "validate_every_n_steps",
     # SD3 (sd3_train_network.update_metadata)
     "apply_lg_attn_mask", "apply_t5_attn_mask", "weighting_scheme", "logit_mean", "logit_std", "mode_scale",
+    # SD3 keys of ours only: settings that change what trains, which sd-scripts' SD3 trainer leaves out
+    "training_shift", "t5xxl_max_token_length",
 })
 
 # What --no_metadata still writes: enough for loaders to apply the LoRA correctly (sd-scripts' SS_METADATA_MINIMUM_KEYS).
@@ -112,7 +114,7 @@ def modelspec_metadata(*, architecture: str, implementation: str, title: str | N
         "sai_model_spec": MODELSPEC_VERSION,
         "architecture": architecture,
         "implementation": implementation,
-        "title": title if title else f"LoRA@{timestamp}",
+        "title": title if title is not None else f"LoRA@{timestamp}",
         "resolution": modelspec_resolution(resolution),
         "date": datetime.datetime.fromtimestamp(int(timestamp)).isoformat(),  # local time, whole seconds, as sd-scripts
         "prediction_type": prediction_type,
@@ -155,19 +157,30 @@ def thumbnail_data_url(path: Path) -> str:
     return f"data:{mime_type};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
-def lora_base_metadata(args: Any, facts: BaseModelFacts) -> dict[str, str]:
-    """What a trained LoRA says about its base model: ss_base_model_version, ss_v2 and the modelspec.* keys (the
-    base model's facts plus the --metadata_* flags, which every script has); --resolution when given."""
-    import time
-
-    return {"ss_base_model_version": facts.base_model_version, "ss_v2": str(facts.v2), **modelspec_metadata(
+def lora_modelspec_fields(args: Any, facts: BaseModelFacts) -> dict[str, Any]:
+    """modelspec_metadata's arguments for a trained LoRA, all but the timestamp (sd-scripts dates each save), read
+    from the flags as sd-scripts' get_sai_model_spec reads them: title = --metadata_title, else --output_name;
+    resolution = --resolution, else the family's; timestep_range from --min/max_timestep; encoder_layer =
+    --clip_skip; the other --metadata_* flags as given. A thumbnail file is read here, so a missing one stops the
+    run before it trains."""
+    timestep_range = None
+    if args.min_timestep is not None or args.max_timestep is not None:
+        timestep_range = (0 if args.min_timestep is None else args.min_timestep,
+                          1000 if args.max_timestep is None else args.max_timestep)
+    thumbnail = args.metadata_thumbnail
+    if thumbnail is not None and not thumbnail.startswith("data:"):
+        thumbnail = thumbnail_data_url(Path(thumbnail))
+    return dict(
         architecture=f"{facts.architecture}/lora", implementation=facts.implementation,
-        title=args.metadata_title or args.output_name or "last", resolution=args.resolution or facts.resolution,
-        prediction_type=facts.prediction_type, timestamp=time.time(), author=args.metadata_author,
+        title=args.metadata_title if args.metadata_title is not None else args.output_name,
+        resolution=args.resolution or facts.resolution,
+        # sd-scripts' rule for every family, flow-matching SD3 included: "v" with v-parameterization, else "epsilon".
+        prediction_type=facts.prediction_type or "epsilon", author=args.metadata_author,
         description=args.metadata_description, license=args.metadata_license, tags=args.metadata_tags,
-        usage_hint=args.metadata_usage_hint, thumbnail=args.metadata_thumbnail, merged_from=args.metadata_merged_from,
+        usage_hint=args.metadata_usage_hint, thumbnail=thumbnail, merged_from=args.metadata_merged_from,
         trigger_phrase=args.metadata_trigger_phrase, preprocessor=args.metadata_preprocessor,
-        is_negative_embedding=args.metadata_is_negative_embedding)}
+        is_negative_embedding=args.metadata_is_negative_embedding, timestep_range=timestep_range,
+        encoder_layer=args.clip_skip)
 
 
 # ----------------------------------------------------------------------------- what metadata says about a base model

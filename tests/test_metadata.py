@@ -187,3 +187,96 @@ def test_metadata_survives_a_lora_file(tmp_path):
         stored = file.metadata()
     assert {k: stored[k] for k in metadata} == metadata
     assert set(stored) - set(metadata) == {"sshs_model_hash", "sshs_legacy_hash"}
+
+
+# ----------------------------------------------------------------------------- base model files and the model card
+def test_model_files_are_named_not_located(tmp_path):
+    """ss_sd_model_name / ss_vae_name as sd-scripts writes them: a local file by name with its WebUI hashes, a
+    folder by name with sd-scripts' 'IsADirectory' hashes, a hub id (or any non-path) as given without hashes."""
+    import hashlib
+
+    from library.run_metadata import FOLDER_HASH, model_file_metadata
+
+    model = tmp_path / "models" / "base.safetensors"
+    model.parent.mkdir()
+    model.write_bytes(bytes(range(256)) * 5000)  # over 1 MiB, so the legacy hash reads real bytes
+    data = model.read_bytes()
+    assert model_file_metadata("sd_model", str(model)) == {
+        "ss_sd_model_hash": hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8],
+        "ss_new_sd_model_hash": hashlib.sha256(data).hexdigest(), "ss_sd_model_name": "base.safetensors"}
+    assert model_file_metadata("vae", str(tmp_path / "models") + "/") == {
+        "ss_vae_hash": FOLDER_HASH, "ss_new_vae_hash": FOLDER_HASH, "ss_vae_name": "models"}
+    assert model_file_metadata("sd_model", "stabilityai/sdxl-base") == {"ss_sd_model_name": "stabilityai/sdxl-base"}
+    # a hub id resolved to a local copy is still named by the id, without hashes (sd-scripts never sees the copy)
+    assert model_file_metadata("sd_model", str(model), hub_id="org/repo") == {"ss_sd_model_name": "org/repo"}
+    assert model_file_metadata("vae", None) == {}
+
+
+def _card_args(**flags):
+    import argparse
+
+    values = dict(metadata_title=None, output_name=None, resolution=None, min_timestep=None, max_timestep=None,
+                  clip_skip=None, metadata_author=None, metadata_description=None, metadata_license=None,
+                  metadata_tags=None, metadata_usage_hint=None, metadata_thumbnail=None, metadata_merged_from=None,
+                  metadata_trigger_phrase=None, metadata_preprocessor=None, metadata_is_negative_embedding=None)
+    return argparse.Namespace(**{**values, **flags})
+
+
+def test_model_card_fields_follow_get_sai_model_spec(tmp_path):
+    from library.metadata import base_model_facts, lora_modelspec_fields
+
+    sd1 = base_model_facts("sd1")
+    card = modelspec_metadata(**lora_modelspec_fields(_card_args(), sd1), timestamp=TIMESTAMP)
+    assert card["modelspec.title"] == f"LoRA@{TIMESTAMP}"  # no --output_name, no --metadata_title
+    assert card["modelspec.resolution"] == "512x512" and card["modelspec.prediction_type"] == "epsilon"
+    assert "modelspec.timestep_range" not in card and "modelspec.encoder_layer" not in card
+
+    card = modelspec_metadata(**lora_modelspec_fields(_card_args(output_name="cats", min_timestep=200, clip_skip=2,
+                                                                 resolution="768,512"), sd1), timestamp=TIMESTAMP)
+    assert (card["modelspec.title"], card["modelspec.timestep_range"], card["modelspec.encoder_layer"],
+            card["modelspec.resolution"]) == ("cats", "200,1000", "2", "768x512")
+    sd3 = base_model_facts("sd3", "sd3.5-large")
+    assert sd3.prediction_type is None  # the model itself predicts neither
+    card = modelspec_metadata(**lora_modelspec_fields(_card_args(max_timestep=500), sd3), timestamp=TIMESTAMP)
+    assert card["modelspec.prediction_type"] == "epsilon" and card["modelspec.timestep_range"] == "0,500"
+    assert card["modelspec.architecture"] == "stable-diffusion-3-5-large/lora"
+
+    with pytest.raises(ThumbnailNotFoundError, match="--metadata_thumbnail"):
+        lora_modelspec_fields(_card_args(metadata_thumbnail=str(tmp_path / "none.png")), sd1)
+
+
+def test_a_missing_thumbnail_stops_the_run_before_any_model_loads(tiny_sd1_checkpoint, tokenizer_cache_dir, tmp_path,
+                                                                   capsys, no_model_loading):
+    from train_helpers import base_argv, make_dataset
+
+    import train_network
+
+    argv = base_argv(tiny_sd1_checkpoint, tokenizer_cache_dir, make_dataset(tmp_path / "data"), tmp_path / "out",
+                     f"--metadata_thumbnail={tmp_path / 'thumb.png'}")
+    with pytest.raises(SystemExit) as exit_info:
+        train_network.main(argv)
+    assert exit_info.value.code not in (0, None)
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f"--metadata_thumbnail {tmp_path / 'thumb.png'}: not found")
+
+
+def test_tag_frequency_adds_up_within_a_dataset_and_the_first_dataset_wins(tmp_path):
+    """sd-scripts counts per dataset by folder name (two subsets of one folder add up); merged over datasets, a
+    folder name already seen is skipped."""
+    from library.dataset.captions import CaptionOptions
+    from library.dataset.config import DatasetConfig, SubsetConfig
+    from library.dataset.dataset import TrainDataset
+    from library.fixtures.images import write_fixture_images
+
+    write_fixture_images(tmp_path / "a" / "imgs", 2, caption_extension=".txt", captions=["cat, dog", "cat"])
+    write_fixture_images(tmp_path / "b" / "imgs", 1, caption_extension=".txt", captions=["bird"])
+
+    def subset(folder):
+        return SubsetConfig(image_dir=folder, caption=CaptionOptions(), caption_extension=".txt")
+
+    first = DatasetConfig(resolution=(64, 64), subsets=(subset(tmp_path / "a" / "imgs"), subset(tmp_path / "b" / "imgs")))
+    second = DatasetConfig(resolution=(64, 64), subsets=(subset(tmp_path / "b" / "imgs"),))
+    dataset = TrainDataset([first, second], seed=0, max_train_steps=1, prior_loss_weight=1.0)
+    assert dataset.tag_frequency(0) == {"imgs": {"cat": 2, "dog": 1, "bird": 1}}
+    assert dataset.tag_frequency(1) == {"imgs": {"bird": 1}}
+    assert dataset.tag_frequency() == {"imgs": {"cat": 2, "dog": 1, "bird": 1}}
+    assert dataset.dataset_image_counts == [(3, 0), (1, 0)]

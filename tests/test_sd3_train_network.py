@@ -55,7 +55,8 @@ def test_each_variant_memorises_with_caches_on_disk(variant, tiny_sd3_checkpoint
     meta = lora_metadata(out / "lora.safetensors")
     assert meta["modelspec.architecture"] == ARCHITECTURES[variant]  # sd-scripts' spellings, as its SD3 LoRAs carry
     assert meta["ss_base_model_version"] == ARCHITECTURES[variant].removeprefix("stable-diffusion-3-").removesuffix("/lora")
-    assert meta["modelspec.implementation"] == "diffusers" and "modelspec.prediction_type" not in meta
+    assert meta["modelspec.implementation"] == "diffusers"
+    assert meta["modelspec.prediction_type"] == "epsilon"  # sd-scripts' SD3 LoRAs say so too (tests/test_metadata_parity.py)
     assert meta["ss_weighting_scheme"] == "logit_normal" and meta["ss_apply_t5_attn_mask"] == "True"
 
 

@@ -82,6 +82,19 @@ class ImageItem:
     """The processed caption the cached text outputs were computed from."""
 
 
+@dataclass(frozen=True)
+class SubsetRecord:
+    """What the LoRA metadata says about one subset as loaded (ss_datasets, ss_dataset_dirs, ss_tag_frequency)."""
+
+    dataset_index: int
+    subset: SubsetConfig
+    name: str
+    """The image folder's name, or the metadata file's for a fine-tuning subset."""
+    img_count: int
+    """Images found (after the validation split), repeats not counted."""
+    tag_counts: dict[str, int]
+
+
 @dataclass
 class _Entry:
     """An image found in a subset, before its size is known."""
@@ -273,8 +286,8 @@ class TrainDataset(torch.utils.data.Dataset):
         self.skipped_images: list[Path] = []
         self.num_train_images = 0
         self.num_reg_images = 0
-        self._tag_frequency: list[tuple[str, dict[str, int]]] = []
-        self._subset_counts: list[tuple[SubsetConfig, int]] = []
+        self.subset_records: list[SubsetRecord] = []
+        self.dataset_image_counts: list[tuple[int, int]] = []  # per dataset: (training, regularisation) images × repeats
         # epoch, step and run length in shared memory, so DataLoader workers (even persistent ones) follow the setters.
         self._state = torch.tensor([0, 0, max_train_steps], dtype=torch.long).share_memory_()
         self._layout: tuple[int, list[tuple[int, ...]]] | None = None
@@ -305,12 +318,14 @@ class TrainDataset(torch.utils.data.Dataset):
             repeats = subset.num_repeats if self.part == "train" else 1
             made = (self._make_item(entry, subset, config, dataset_index, repeats, manager) for entry in entries)
             items = [item for item in made if item is not None]
-            self._record_subset(subset, entries, items)
+            self._record_subset(dataset_index, subset, entries, items)
             (reg_items if subset.is_reg else train_items).extend(items)
 
         train_count = sum(item.num_repeats for item in train_items)
+        reg_count = sum(item.num_repeats for item in reg_items)
         self.num_train_images += train_count
-        self.num_reg_images += sum(item.num_repeats for item in reg_items)
+        self.num_reg_images += reg_count
+        self.dataset_image_counts.append((train_count, reg_count))
         for item, repeats in zip(reg_items, balance_reg_repeats(train_count, [item.num_repeats for item in reg_items])):
             item.num_repeats = repeats
         if reg_items and train_count < sum(item.subset.num_repeats for item in reg_items):
@@ -365,15 +380,15 @@ class TrainDataset(torch.utils.data.Dataset):
             mask_path=_mask_path(subset, entry.path) if subset.conditioning_data_dir is not None else None,
         )
 
-    def _record_subset(self, subset: SubsetConfig, entries: Sequence[_Entry], items: Sequence[ImageItem]) -> None:
-        """Tag counts and image counts for the ss_tag_frequency / ss_dataset_dirs metadata."""
-        name = (subset.metadata_file or subset.image_dir).name
+    def _record_subset(self, dataset_index: int, subset: SubsetConfig, entries: Sequence[_Entry],
+                       items: Sequence[ImageItem]) -> None:
+        """Tag counts and image counts for the ss_tag_frequency / ss_dataset_dirs / ss_datasets metadata."""
         counts: dict[str, int] = {}
         for entry in entries:
             if entry.tags:
                 _count_tags(counts, entry.tags)
-        self._tag_frequency.append((name, counts))
-        self._subset_counts.append((subset, len(items)))
+        name = (subset.metadata_file or subset.image_dir).name
+        self.subset_records.append(SubsetRecord(dataset_index, subset, name, len(items), counts))
 
     def _add_items(self, items: Iterable[ImageItem]) -> None:
         taken = {item.key for item in self.items}
@@ -599,12 +614,31 @@ class TrainDataset(torch.utils.data.Dataset):
             counts[bucket.reso] = counts.get(bucket.reso, 0) + len(bucket.members)
         return sorted(counts.items())
 
-    def tag_frequency(self) -> dict[str, dict[str, int]]:
-        """ss_tag_frequency: tag counts per folder (or metadata file) name; a folder in several datasets counts once."""
-        merged: dict[str, dict[str, int]] = {}
-        for name, counts in self._tag_frequency:
-            merged.setdefault(name, counts)
-        return merged
+    def bucket_counts(self, dataset_index: int) -> list[tuple[Size, int]]:
+        """(bucket resolution, images including repeats) of one dataset, sorted by resolution."""
+        return [(bucket.reso, len(bucket.members)) for bucket in self._buckets if bucket.dataset_index == dataset_index]
+
+    def aspect_errors(self, dataset_index: int) -> list[float]:
+        """Per image of one dataset (repeats not counted): its bucket's aspect ratio minus its own."""
+        return [item.assignment.bucket_reso[0] / item.assignment.bucket_reso[1] - item.size[0] / item.size[1]
+                for item in self.items if item.dataset_index == dataset_index]
+
+    def tag_frequency(self, dataset_index: int | None = None) -> dict[str, dict[str, int]]:
+        """ss_tag_frequency: tag counts per folder (or metadata file) name. Within one dataset, subsets with the
+        same folder name add up; over all datasets (no index), the first dataset with a name gives its counts."""
+        if dataset_index is None:
+            merged: dict[str, dict[str, int]] = {}
+            for index in range(len(self.configs)):
+                for name, counts in self.tag_frequency(index).items():
+                    merged.setdefault(name, counts)
+            return merged
+        per_name: dict[str, dict[str, int]] = {}
+        for record in self.subset_records:
+            if record.dataset_index == dataset_index:
+                counts = per_name.setdefault(record.name, {})
+                for tag, count in record.tag_counts.items():
+                    counts[tag] = counts.get(tag, 0) + count
+        return per_name
 
     def dataset_dirs_info(self) -> dict[str, dict[str, int]]:
         """ss_dataset_dirs: {folder name: {"n_repeats", "img_count"}} for training subsets; repeats get ' (2)'..."""
@@ -616,14 +650,13 @@ class TrainDataset(torch.utils.data.Dataset):
 
     def _dirs_info(self, *, reg: bool) -> dict[str, dict[str, int]]:
         info: dict[str, dict[str, int]] = {}
-        for subset, count in self._subset_counts:
-            if subset.is_reg != reg:
+        for record in self.subset_records:
+            if record.subset.is_reg != reg:
                 continue
-            name = base = (subset.metadata_file or subset.image_dir).name
-            number = 2
+            name, number = record.name, 2
             while name in info:
-                name, number = f"{base} ({number})", number + 1
-            info[name] = {"n_repeats": subset.num_repeats, "img_count": count}
+                name, number = f"{record.name} ({number})", number + 1
+            info[name] = {"n_repeats": record.subset.num_repeats, "img_count": record.img_count}
         return info
 
 
