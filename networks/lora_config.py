@@ -131,7 +131,8 @@ class RankPlan:
     read from a LoRA file (`module_dims`). Rank 0 or None means "no LoRA on this layer".
     On top of the first way, `part_dims` overrides the rank per layout part (SD3's `x_attn_dim` & co.)
     and ranks opt-in layers (SD3's `emb_dims`, keyed by root), and `train_blocks` keeps only the
-    layers of those block ids (None: all).
+    layers of those block ids (None: all). `zero_lr_blocks` are blocks whose block-wise learning rate is 0
+    (networks/lora_block_lr.py): as in sd-scripts, they get no LoRA.
     """
 
     dim: int = DEFAULT_DIM
@@ -146,6 +147,7 @@ class RankPlan:
     module_alphas: Mapping[str, float] | None = None
     part_dims: Mapping[str, int] | None = None
     train_blocks: frozenset[int] | None = None
+    zero_lr_blocks: frozenset[int] = frozenset()
 
     @property
     def with_conv(self) -> bool:
@@ -161,6 +163,8 @@ class RankPlan:
             return self._opt_in_rank(layer)
         if per_block and self.train_blocks is not None and layer.block_index is not None \
                 and layer.block_index not in self.train_blocks:
+            return None
+        if per_block and layer.block_index in self.zero_lr_blocks:
             return None
         if per_block and self.block_dims is not None and layer.block_index is not None:
             return self._block_rank(layer)

@@ -60,11 +60,10 @@ from networks.lora_checkpoint_map import (
     LoRACheckpointMap,
     SeparateTextEncoder,
     WeightSlot,
-    guess_lora_family,
-    lora_families_differ,
     map_with_text_encoder_files,
     read_separate_text_encoder,
 )
+from networks.lora_family import guess_lora_family, lora_families_differ
 from networks.lora_modules import (
     FactoredModule,
     LoRAModuleWeights,
