@@ -6,8 +6,9 @@
 which is what ``torch.cuda.max_memory_allocated`` reports; the GPU (nvidia-smi) shows that plus the CUDA context
 and the caching allocator's reserve, printed separately. Each term:
 
-- frozen weights: parameters x bytes of the dtype they are kept in (the --mixed_precision dtype; fp8 Linear
-  weights of the joint blocks with --fp8_base at 1 byte). With --blocks_to_swap the swapped blocks leave the GPU
+- frozen weights: parameters x bytes of the dtype they are kept in (the --mixed_precision dtype; with --fp8_base
+  the weights it stores in fp8 at 1 byte: the joint blocks' Linear weights on SD3, every U-Net Linear and Conv2d
+  weight on SD1/SD2/SDXL, the text encoders' Linear weights). With --blocks_to_swap the swapped blocks leave the GPU
   and two slots of the largest swapped block stream them back (library/offload.py). The VAE stays on the GPU
   unless latents are cached (previews and --highvram keep it); text encoders unless their outputs are cached
   (T5-XXL where --t5xxl_device puts it).
@@ -103,6 +104,7 @@ class MemoryInputs:
     block_params: tuple[int, ...] = ()
     block_linear_params: tuple[int, ...] = ()
     fp8_denoiser: bool = False
+    denoiser_fp8_params: int = 0  # with fp8_denoiser: the parameters stored in fp8 (0: the blocks' Linear weights)
     context_tokens: int = 77  # MMDiT: CLIP + T5 tokens in the joint attention
     vae_params: int = 0
     vae_on_gpu: bool = False
@@ -173,8 +175,9 @@ def _denoiser_weights(inputs: MemoryInputs, weight_bytes: int) -> tuple[int, str
     linear = inputs.block_linear_params or (0,) * len(blocks)
     fp8_saving = [lin * (weight_bytes - 1) if inputs.fp8_denoiser else 0 for lin in linear]
     block_bytes = [params * weight_bytes - saving for params, saving in zip(blocks, fp8_saving)]
-    total = inputs.denoiser_params * weight_bytes - sum(fp8_saving)
-    notes = ["fp8 joint-block Linear weights"] if inputs.fp8_denoiser else []
+    fp8_params = (inputs.denoiser_fp8_params or sum(linear)) if inputs.fp8_denoiser else 0
+    total = inputs.denoiser_params * weight_bytes - fp8_params * (weight_bytes - 1)
+    notes = [f"{fp8_params:,} weights in fp8"] if inputs.fp8_denoiser else []
     if inputs.blocks_to_swap and blocks:
         swapped = swapped_block_indices(len(blocks), inputs.blocks_to_swap)
         slots = 2 * max(block_bytes[index] for index in swapped)

@@ -120,3 +120,17 @@ def test_uncached_inputs_put_the_vae_and_text_encoders_on_the_gpu():
     assert uncached.term("VAE weights") == 83_653_863 * 2 and cached.term("VAE weights") == 0
     assert uncached.term("text encoder weights") == 123_060_480 * 2 and cached.term("text encoder weights") == 0
     assert uncached.term("VAE encoding") > 0 and uncached.peak_allocated > cached.peak_allocated
+
+
+def test_fp8_takes_a_byte_off_each_sdxl_unet_weight_it_stores():
+    """On SD/SDXL --fp8_base stores every Linear and Conv2d weight (the dry run counts them on the meta U-Net):
+    nearly the whole U-Net, so its 5.1 GB in bf16 become about 2.6 GB, as sd-scripts users know it."""
+    inputs = full_size("sdxl")
+    with torch.device("meta"):
+        unet = SdxlUNet(SDXL_UNET_CONFIG)
+    stored = sum(m.weight.numel() for name, m in unet.named_modules()
+                 if type(m) in (torch.nn.Linear, torch.nn.Conv2d) and name != "time_embed.0")
+    bf16 = estimate_memory(inputs).term("denoiser weights")
+    fp8 = estimate_memory(dataclasses.replace(inputs, fp8_denoiser=True, denoiser_fp8_params=stored)).term("denoiser weights")
+    assert bf16 - fp8 == stored
+    assert 2.55e9 < fp8 < 2.65e9 and 5.1e9 < bf16 < 5.2e9

@@ -16,7 +16,6 @@ tensors, never assumed, so tiny test models work the same as the released ones.
 from __future__ import annotations
 
 import argparse
-import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
+from library.fp8 import move_keeping_fp8
 from library.models.tokenizers import (
     CLIP_G_TOKENIZER_ID,
     CLIP_L_TOKENIZER_ID,
@@ -91,7 +91,6 @@ class Sd3TextOptions:
 # sd-scripts' --t5xxl_dtype values; fp8 is not one (--fp8_base stores T5's Linear weights in fp8 instead).
 T5_DTYPES = {"fp32": torch.float32, "float": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
-_FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 @dataclass(frozen=True)
@@ -146,22 +145,14 @@ def place_sd3_text_encoders(encoders: Sd3TextEncoders, t5: T5Placement, *, devic
     stay on the training device, where the trained LoRA weights live.
     """
     for clip in (encoders.clip_l, encoders.clip_g):
-        _move(clip, device, dtype)
+        move_keeping_fp8(clip, device, dtype)
     if encoders.t5xxl is None:
         return
     t5_device, t5_dtype = t5.resolve(device, dtype)
     if not _same_device(t5_device, device) and _has_replaced_forward(encoders.t5xxl):
         raise ValueError(f"--t5xxl_device {t5_device}: T5-XXL's LoRA (train_t5xxl=True) trains on the training device "
                          f"{device}; drop --t5xxl_device, or train without T5 LoRA")
-    _move(encoders.t5xxl, t5_device, t5_dtype)
-
-
-def _move(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
-    """``module.to(device, dtype)`` except for fp8 tensors, which ``Module.to`` would upcast."""
-    module.to(device)
-    for tensor in itertools.chain(module.parameters(), module.buffers()):
-        if tensor.is_floating_point() and tensor.dtype not in _FP8_DTYPES and tensor.dtype != dtype:
-            tensor.data = tensor.data.to(dtype)
+    move_keeping_fp8(encoders.t5xxl, t5_device, t5_dtype)
 
 
 def _same_device(a: torch.device, b: torch.device) -> bool:

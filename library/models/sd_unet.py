@@ -296,6 +296,10 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+# SdUNet.forward computes in the dtype of this layer's weight, so weight-storage schemes (fp8) leave it as it is.
+DTYPE_SOURCE_LAYER = "time_embed.0"
+
+
 class SdUNet(nn.Module):
     """The SD denoiser: eps (or v) prediction from noisy latents, timesteps, text context and, with
     ``adm_in_channels``, the extra vector ``y`` (SDXL: pooled text embedding and size conditioning)."""
