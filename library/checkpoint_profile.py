@@ -119,7 +119,7 @@ def read_profile(checkpoint: Path, *, vae: Path | None = None, separate_text_enc
     denoiser_tensors = _under(header, DENOISER_PREFIX)
     meta = {key: torch.empty(info.shape, device="meta") for key, info in denoiser_tensors.items()}
     config = infer_mmdit_config(meta) if family == "sd3" else infer_unet_config(meta)
-    vae_tensors = _under(read_header(vae), VAE_PREFIX, keep_all=True) if vae else _under(header, VAE_PREFIX)
+    vae_tensors = _vae_header(vae) if vae else _under(header, VAE_PREFIX)
     encoders = []
     for name, prefix in TEXT_ENCODER_PREFIXES[family]:
         separate = separate_text_encoders.get(name)
@@ -142,11 +142,19 @@ def read_folder_profile(folder: Path, *, vae: Path | None = None) -> ModelProfil
     family = "sdxl" if sdxl else "sd2" if config.context_dim == SD2_CONTEXT_DIM else "sd1"
     encoders = tuple(_component(name, folder / part, _folder_header(folder / part), text=True)
                      for name, part in FOLDER_TEXT_ENCODERS[family])
-    vae_component = (_component("vae", vae, _under(read_header(vae), VAE_PREFIX, keep_all=True)) if vae
+    vae_component = (_component("vae", vae, _vae_header(vae)) if vae
                      else _component("vae", folder / "vae", _folder_header(folder / "vae")))
     return ModelProfile(family=family, denoiser_config=config,
                         denoiser=_component("denoiser", folder / "unet", _folder_header(folder / "unet")),
                         vae=vae_component, text_encoders=encoders)
+
+
+def _vae_header(vae: Path) -> dict[str, TensorInfo]:
+    """--vae: a file (ldm keys with or without first_stage_model., or diffusers keys) or a diffusers VAE folder
+    (the vae/ of a pipeline folder); parameter counts do not depend on the layout."""
+    if vae.is_dir():
+        return _folder_header(vae / "vae" if (vae / "vae" / "config.json").is_file() else vae)
+    return _under(read_header(vae), VAE_PREFIX, keep_all=True)
 
 
 def _folder_header(component: Path) -> dict[str, TensorInfo]:

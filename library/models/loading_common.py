@@ -38,7 +38,8 @@ ModelT = TypeVar("ModelT", bound=nn.Module)
 def require_model(path: Path) -> None:
     """``--pretrained_model_name_or_path`` must exist before anything else is checked."""
     if not path.exists():
-        raise CheckpointError(f"model not found: {path} (--pretrained_model_name_or_path takes a local file or folder)")
+        raise CheckpointError(f"model not found: {path} (--pretrained_model_name_or_path takes a local file or folder, "
+                              "or a Hugging Face id)")
 
 
 def adopt_weights(model: ModelT, state_dict: Mapping[str, Tensor], source: str) -> ModelT:
