@@ -19,7 +19,7 @@ from library.args_groups import SD3_FLAGS, TRAINING_FLAGS
 from library.diffusion.flow_matching import FlowMatchingLossConfig, flow_matching_loss
 from library.fingerprint import file_identity
 from library.fp8 import Fp8Parts, store_linear_weights_in_fp8
-from library.metadata import base_model_facts, lora_base_metadata
+from library.metadata import BaseModelFacts, base_model_facts, lora_training_metadata
 from library.models.checkpoint import checkpoint_keys
 from library.models.sd3_loading import (
     SD3_LATENT_SCALE,
@@ -52,7 +52,7 @@ T5_FP8_UNSAFE = ("DenseReluDense.wo",)
 
 _DDPM_ONLY = "SD3 is a flow-matching model; this option belongs to the DDPM models (SD1/2, SDXL)"
 SD3_UNSUPPORTED = {
-    **{k: v for k, v in UNSUPPORTED.items() if k not in ("fp8_base", "fp8_base_unet", "cpu_offload_checkpointing")},
+    **UNSUPPORTED,
     "save_clip": "LoRA training never saves the text encoders (full fine-tuning flag)",
     "save_t5xxl": "LoRA training never saves the text encoders (full fine-tuning flag)",
     **{flag: _DDPM_ONLY for flag in (
@@ -60,11 +60,15 @@ SD3_UNSUPPORTED = {
         "noise_offset_random_strength", "adaptive_noise_scale", "multires_noise_iterations", "multires_noise_discount",
         "ip_noise_gamma", "ip_noise_gamma_random_strength", "min_snr_gamma", "debiased_estimation_loss")}, "clip_skip": "SD3 always uses the penultimate CLIP layers",
     "max_token_length": "SD3 uses 77 CLIP tokens; set the T5 length with --t5xxl_max_token_length",
+    "weighted_captions": "weighted captions are implemented for SD1/SD2 and SDXL only (sd-scripts' SD3 trainer has "
+                         "no weighted text encoding either)",
 }
 
 
 class Sd3NetworkTrainer(NetworkTrainer):
     """The SD3 hooks: three text encoders, a 16-channel VAE and the flow-matching loss."""
+
+    hub_folder_flags = ()  # SD3 parts are single files, as in sd-scripts (no SD3 diffusers folders)
 
     def __init__(self, args: argparse.Namespace):
         self.text_options = Sd3TextOptions.from_args(args)
@@ -188,13 +192,17 @@ class Sd3NetworkTrainer(NetworkTrainer):
         return generate_samples(sample, step=step, epoch=epoch, device=device, render=render,
                                 decode=lambda z: models.vae.decode((z / VAE_SCALE + VAE_SHIFT).to(models.vae.dtype)))
 
+    def model_facts(self, args: argparse.Namespace, models: Models) -> BaseModelFacts:
+        return base_model_facts("sd3", models.extra["variant"])
+
     def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        meta = lora_base_metadata(args, base_model_facts("sd3", models.extra["variant"]))
-        meta.update({"ss_apply_lg_attn_mask": str(args.apply_lg_attn_mask), "ss_apply_t5_attn_mask": str(args.apply_t5_attn_mask),
-                     "ss_weighting_scheme": args.weighting_scheme, "ss_logit_mean": str(args.logit_mean),
-                     "ss_logit_std": str(args.logit_std), "ss_mode_scale": str(args.mode_scale),
-                     "ss_training_shift": str(args.training_shift), "ss_t5xxl_max_token_length": str(args.t5xxl_max_token_length)})
-        return meta
+        """sd-scripts' SD3 keys; its SD3 network takes a rate per text encoder, so ss_text_encoder_lr is the whole
+        --text_encoder_lr list. ss_training_shift and ss_t5xxl_max_token_length are ours (they change what trains)."""
+        return lora_training_metadata(
+            apply_lg_attn_mask=args.apply_lg_attn_mask, apply_t5_attn_mask=args.apply_t5_attn_mask,
+            weighting_scheme=args.weighting_scheme, logit_mean=args.logit_mean, logit_std=args.logit_std,
+            mode_scale=args.mode_scale, text_encoder_lr=args.text_encoder_lr, training_shift=args.training_shift,
+            t5xxl_max_token_length=args.t5xxl_max_token_length)
 
 
 def bucket_latent_sizes(resolutions: Iterable[tuple[int, int]]) -> list[int]:

@@ -11,13 +11,16 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from library.args import CLIP_SKIP_IGNORED, UNSUPPORTED, setup_parser_for
 from library.args_groups import SDXL_FLAGS, TRAINING_FLAGS
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
-from library.metadata import base_model_facts, lora_base_metadata
+from library.fp8 import Fp8Layout
+from library.metadata import BaseModelFacts, base_model_facts
+from library.models.sd_unet import DTYPE_SOURCE_LAYER
 from library.models.sdxl_conditioning import sdxl_size_embedding
 from library.models.sdxl_loading import (
     SDXL_LATENT_SCALE,
@@ -42,9 +45,15 @@ SDXL_UNSUPPORTED = {
 class SdxlNetworkTrainer(NetworkTrainer):
     """The SDXL hooks: two CLIP text encoders, size conditioning and the DDPM loss shared with SD1/2."""
 
+    # --fp8_base: every Linear and Conv2d weight of the U-Net (but the layer it takes its compute dtype from), and the
+    # text encoders' Linear weights (their embeddings keep their dtype, as in sd-scripts).
+    fp8_denoiser_layout = Fp8Layout((nn.Linear, nn.Conv2d), keep=(DTYPE_SOURCE_LAYER,))
+    fp8_text_encoder_layout = Fp8Layout((nn.Linear,))
+
     def __init__(self, args: argparse.Namespace):
         self.v_parameterization = args.v_parameterization
         self.max_token_length = args.max_token_length
+        self.weighted_captions = args.weighted_captions
         self.loss_config = DdpmLossConfig.from_args(args)
         self.schedule = DdpmSchedule.scaled_linear(zero_terminal_snr=args.zero_terminal_snr)
         if args.mixed_precision == "fp16" and not args.no_half_vae:
@@ -66,13 +75,15 @@ class SdxlNetworkTrainer(NetworkTrainer):
         precision = "fp32" if args.no_half_vae or args.mixed_precision == "no" else args.mixed_precision
         latents = f"sdxl-vae:{file_identity(args.vae) if args.vae else checkpoint}:{precision}"
         text = f"sdxl-clip:{checkpoint}:max_token_length={self.max_token_length}"
+        if self.weighted_captions:
+            text += ":weighted_captions"
         return latents, text
 
     def encode_images(self, models: Models, images: torch.Tensor) -> torch.Tensor:
         return models.vae.encode(images).sample() * SDXL_LATENT_SCALE
 
     def encode_text(self, models: Models, captions: list[str]) -> dict[str, torch.Tensor]:
-        tokens = tokenize_sdxl(models.tokenizers[0], captions, self.max_token_length)
+        tokens = tokenize_sdxl(models.tokenizers[0], captions, self.max_token_length, weighted=self.weighted_captions)
         return encode_sdxl(models.text_encoders[0], models.text_encoders[1], tokens)
 
     def compute_loss(self, models: Models, batch: dict, latents: torch.Tensor, text: dict[str, torch.Tensor],
@@ -103,9 +114,8 @@ class SdxlNetworkTrainer(NetworkTrainer):
         return generate_samples(sample, step=step, epoch=epoch, device=device, render=render,
                                 decode=lambda z: models.vae.decode((z / SDXL_LATENT_SCALE).to(models.vae.dtype)))
 
-    def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        facts = base_model_facts("sdxl", v_parameterization=self.v_parameterization)
-        return {"ss_sd_model_name": str(args.pretrained_model_name_or_path), **lora_base_metadata(args, facts)}
+    def model_facts(self, args: argparse.Namespace, models: Models) -> BaseModelFacts:
+        return base_model_facts("sdxl", v_parameterization=self.v_parameterization)
 
 
 def setup_parser() -> argparse.ArgumentParser:

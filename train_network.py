@@ -11,14 +11,17 @@ import logging
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from library.args import TRAINING_FLAGS, setup_parser_for
 from library.diffusion.ddpm import DdpmSchedule
 from library.diffusion.ddpm_step import DdpmLossConfig, ddpm_loss
 from library.fingerprint import file_identity
-from library.metadata import base_model_facts, lora_base_metadata
-from library.models.clip_text import encode_chunked, tokenize_chunked
+from library.fp8 import Fp8Layout
+from library.metadata import BaseModelFacts, base_model_facts
+from library.models.clip_text import apply_token_weights, encode_chunked, tokenize_chunked, tokenize_weighted_chunked
 from library.models.sd_loading import check_sd_checkpoint, load_sd_models
+from library.models.sd_unet import DTYPE_SOURCE_LAYER
 from library.models.tokenizers import (
     SD1_TOKENIZER_ID,
     SD2_TOKENIZER_ID,
@@ -38,11 +41,17 @@ VAE_SCALE = 0.18215
 class SdNetworkTrainer(NetworkTrainer):
     """The SD1.x/2.x hooks: CLIP text conditioning, a 4-channel VAE and the DDPM loss."""
 
+    # --fp8_base: every Linear and Conv2d weight of the U-Net (but the layer it takes its compute dtype from), and the
+    # text encoders' Linear weights (their embeddings keep their dtype, as in sd-scripts).
+    fp8_denoiser_layout = Fp8Layout((nn.Linear, nn.Conv2d), keep=(DTYPE_SOURCE_LAYER,))
+    fp8_text_encoder_layout = Fp8Layout((nn.Linear,))
+
     def __init__(self, args: argparse.Namespace):
         self.v2 = args.v2
         self.v_parameterization = args.v_parameterization
         self.clip_skip = args.clip_skip
         self.max_token_length = args.max_token_length
+        self.weighted_captions = args.weighted_captions
         self.loss_config = DdpmLossConfig.from_args(args)
         self.schedule = DdpmSchedule.scaled_linear(zero_terminal_snr=args.zero_terminal_snr)
 
@@ -63,6 +72,8 @@ class SdNetworkTrainer(NetworkTrainer):
         latents = f"sd-vae:{model}:{precision}"
         text = (f"sd-clip:{file_identity(args.pretrained_model_name_or_path)}:v2={self.v2}:clip_skip={self.clip_skip}"
                 f":max_token_length={self.max_token_length}")
+        if self.weighted_captions:
+            text += ":weighted_captions"
         return latents, text
 
     def encode_images(self, models: Models, images: torch.Tensor) -> torch.Tensor:
@@ -70,9 +81,11 @@ class SdNetworkTrainer(NetworkTrainer):
 
     def encode_text(self, models: Models, captions: list[str]) -> dict[str, torch.Tensor]:
         tokenizer, encoder = models.tokenizers[0], models.text_encoders[0]
-        ids = tokenize_chunked(tokenizer, captions, self.max_token_length).to(encoder.device)
-        hidden = encode_chunked(encoder, ids, self.clip_skip)
-        return {"hidden_states": hidden}
+        if not self.weighted_captions:
+            return {"hidden_states": encode_chunked(encoder, tokenize_chunked(tokenizer, captions, self.max_token_length),
+                                                    self.clip_skip)}
+        ids, weights = tokenize_weighted_chunked(tokenizer, captions, self.max_token_length)
+        return {"hidden_states": apply_token_weights(encode_chunked(encoder, ids, self.clip_skip), weights)}
 
     def compute_loss(self, models: Models, batch: dict, latents: torch.Tensor, text: dict[str, torch.Tensor],
                      generator: torch.Generator | None) -> torch.Tensor:
@@ -96,9 +109,8 @@ class SdNetworkTrainer(NetworkTrainer):
         return generate_samples(sample, step=step, epoch=epoch, device=device, render=render,
                                 decode=lambda z: models.vae.decode((z / VAE_SCALE).to(models.vae.dtype)))
 
-    def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        facts = base_model_facts("sd2" if self.v2 else "sd1", v_parameterization=self.v_parameterization)
-        return {"ss_sd_model_name": str(args.pretrained_model_name_or_path), **lora_base_metadata(args, facts)}
+    def model_facts(self, args: argparse.Namespace, models: Models) -> BaseModelFacts:
+        return base_model_facts("sd2" if self.v2 else "sd1", v_parameterization=self.v_parameterization)
 
 
 def setup_parser() -> argparse.ArgumentParser:

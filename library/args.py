@@ -74,10 +74,7 @@ UNSUPPORTED: Mapping[str, str] = MappingProxyType({
     "face_crop_aug_range": "face-centred crop augmentation is not implemented yet",
     "dataset_class": "custom dataset classes are not supported; describe the data with --dataset_config",
     "conditioning_data_dir": "ControlNet-style conditioning data is not used for LoRA training",
-    "weighted_captions": "weighted captions are not implemented yet",
     "v_pred_like_loss": "the v-prediction-like loss is not implemented yet",
-    "fp8_base": "fp8 base weights are implemented for sd3_train_network.py only so far",
-    "fp8_base_unet": "fp8 base weights are implemented for sd3_train_network.py only so far",
     "fused_backward_pass": "the fused backward pass is for full fine-tuning; LoRA training does not use it",
 })
 """Flags of train_network.py that this trainer rejects, each with the one-line reason the user sees.

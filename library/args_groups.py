@@ -75,11 +75,12 @@ _DYNAMO_BACKENDS = ["eager", "aot_eager", "inductor", "aot_ts_nvfuser", "nvprims
 _INTERPOLATIONS = ["lanczos", "nearest", "bilinear", "linear", "bicubic", "cubic", "area"]
 
 MODEL = FlagGroup("model", "model", "The base checkpoint to train on and how to read it.", (
-    flag("pretrained_model_name_or_path", "base model: a .safetensors/.ckpt file or a diffusers folder", type=str,
+    flag("pretrained_model_name_or_path", "base model: a .safetensors/.ckpt file, a diffusers folder, or a Hugging Face id "
+         "(owner/name of a diffusers repo, owner/name/file.safetensors)", type=str,
          metavar="PATH"),
     switch("v2", "the base model is Stable Diffusion 2.x (OpenCLIP ViT-H text encoder)"),
     switch("v_parameterization", "the base model predicts v (SD 2.x 768-v); train against the v target"),
-    flag("vae", "replace the checkpoint's VAE with this file or folder", type=str, metavar="PATH"),
+    flag("vae", "replace the checkpoint's VAE with this file or folder (or a Hugging Face id)", type=str, metavar="PATH"),
     flag("tokenizer_cache_dir", "folder of saved tokenizers, so training needs no network access", type=str,
          metavar="DIR"),
     flag("clip_skip", "condition on the text encoder's N-th layer from the end (1 = last layer)", type=int),
@@ -362,9 +363,12 @@ TRAINING_FLAGS: tuple[FlagGroup, ...] = (
 _WEIGHTING_SCHEMES = ["sigma_sqrt", "logit_normal", "mode", "cosmap", "none", "uniform"]
 
 SD3_MODEL = FlagGroup("model", "model", "", (
-    flag("clip_l", "CLIP-L text encoder file (when the checkpoint has none)", type=str, metavar="PATH"),
-    flag("clip_g", "CLIP-G text encoder file (when the checkpoint has none)", type=str, metavar="PATH"),
-    flag("t5xxl", "T5-XXL text encoder file (when the checkpoint has none)", type=str, metavar="PATH"),
+    flag("clip_l", "CLIP-L text encoder file (when the checkpoint has none; or owner/name/file on the hub)", type=str,
+         metavar="PATH"),
+    flag("clip_g", "CLIP-G text encoder file (when the checkpoint has none; or owner/name/file on the hub)", type=str,
+         metavar="PATH"),
+    flag("t5xxl", "T5-XXL text encoder file (when the checkpoint has none; or owner/name/file on the hub)", type=str,
+         metavar="PATH"),
     switch("disable_mmap_load_safetensors", "read .safetensors files whole instead of memory-mapping them"),
     flag("t5xxl_device", "device T5-XXL runs on while encoding (default: the training device)", type=str),
     flag("t5xxl_dtype", "dtype of T5-XXL (default: the --mixed_precision dtype)", type=str),

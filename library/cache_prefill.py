@@ -83,11 +83,13 @@ def prefill_cli(trainer_class: type[NetworkTrainer], parser: argparse.ArgumentPa
     chosen caches written to disk."""
     from library.args import log_notes, parse_flags
     from library.console import setup_logging
+    from library.hub_models import resolve_hub_models
 
     args, notes = parse_flags(parser, argv)
     setup_logging(args)
     log_notes(notes)
     trainer = trainer_class(args)
+    args = resolve_hub_models(args, trainer.hub_folder_flags)
     config = PrefillConfig.from_args(args, trainer.cache_keys(args))
     prefill(trainer, trainer.prepare_models(args), config, latents=latents, text=text)
 

@@ -10,6 +10,7 @@ from safetensors headers (`library/checkpoint_profile.py`), memory from `library
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,10 @@ from library.models.checkpoint import CheckpointError
 from library.run_config import RunConfig
 from library.trainer_setup import network_module, parse_network_args
 from networks.lora import ParamGroupPlan, plan_param_groups
+from networks.lora_block_lr import BlockLr
 from networks.lora_config import LoRAConfig
-from networks.lora_targets import T5_TEXT_TARGETS
+from networks.lora_targets import BLOCK_LR_WEIGHT_ARGS, T5_TEXT_TARGETS
+from networks.plugin_view import network_models, takes_our_models
 
 if TYPE_CHECKING:
     from library.trainer import NetworkTrainer
@@ -98,6 +101,9 @@ def plan_dry_run(trainer: NetworkTrainer, args: argparse.Namespace, run: RunConf
 
     profile, problem = _read_profile(args)
     network_kwargs = parse_network_args(args.network_args or [])
+    denoiser = meta_denoiser(profile) if profile is not None else None
+    denoiser_network = (_meta_denoiser_network(args, denoiser, network_kwargs)
+                        if denoiser is not None and not args.network_train_text_encoder_only else None)
     lora_config = LoRAConfig.from_network_args(network_kwargs, frozenset(network_kwargs), frozenset({_T5_SWITCH}))
     train_text_encoder = not args.network_train_unet_only and not args.cache_text_encoder_outputs
     encoder_names = [te.name for te in profile.text_encoders] if profile else []
@@ -106,7 +112,8 @@ def plan_dry_run(trainer: NetworkTrainer, args: argparse.Namespace, run: RunConf
         args.text_encoder_lr or None, args.unet_lr, args.learning_rate, text_encoder_parts=text_parts,
         has_unet=not args.network_train_text_encoder_only,
         text_encoder_plus_ratio=lora_config.loraplus_text_encoder_lr_ratio or lora_config.loraplus_lr_ratio,
-        unet_plus_ratio=lora_config.loraplus_unet_lr_ratio or lora_config.loraplus_lr_ratio)
+        unet_plus_ratio=lora_config.loraplus_unet_lr_ratio or lora_config.loraplus_lr_ratio,
+        unet_blocks=_unet_block_lrs(denoiser_network))
     scheduler = SchedulerConfig.from_args(args)
     scheduler_steps = max_steps * num_processes  # as build_lr_scheduler counts them
     plan = DryRunPlan(
@@ -117,12 +124,16 @@ def plan_dry_run(trainer: NetworkTrainer, args: argparse.Namespace, run: RunConf
         lr_groups=lr_groups, lr_notes=_optimizer_lr_notes(args.optimizer_type), scheduler=scheduler.lr_scheduler_type or
         scheduler.lr_scheduler, warmup_steps=resolve_steps(scheduler.lr_warmup_steps, scheduler_steps, "--lr_warmup_steps"),
         scheduler_steps=scheduler_steps, profile=profile, profile_problem=problem)
+    if denoiser is None and any(key in network_kwargs for key in BLOCK_LR_WEIGHT_ARGS):
+        plan.lr_notes.append("block-wise learning rates: the U-Net's per-block groups are unknown without the model's header")
     if profile is not None:
-        denoiser = meta_denoiser(profile)
         plan.pixel_multiple = LATENT_DOWNSCALE * denoiser.latent_multiple
-        if not args.network_train_text_encoder_only:
-            plan.denoiser_lora_params = _denoiser_lora_params(args, denoiser, network_kwargs)
-        plan.memory = estimate_memory(memory_inputs(args, run, profile, train_set, plan.denoiser_lora_params, text_parts))
+        if denoiser_network is not None:
+            plan.denoiser_lora_params = sum(param.numel() for param in denoiser_network.parameters())
+        inputs = memory_inputs(args, run, profile, train_set, plan.denoiser_lora_params, text_parts)
+        if trainer.fp8_denoiser_layout is not None:  # else the family's fp8 part is the blocks' Linear weights (SD3)
+            inputs = dataclasses.replace(inputs, denoiser_fp8_params=trainer.fp8_denoiser_layout.weight_params(denoiser))
+        plan.memory = estimate_memory(inputs)
     return plan
 
 
@@ -143,9 +154,12 @@ def _read_profile(args: argparse.Namespace) -> tuple[ModelProfile | None, str]:
         return None, str(error)
 
 
-def _denoiser_lora_params(args: argparse.Namespace, denoiser: torch.nn.Module, kwargs: dict[str, str]) -> int:
-    """The denoiser's LoRA parameters, from the network module's own target rules on the meta-device denoiser."""
+def _meta_denoiser_network(args: argparse.Namespace, denoiser: torch.nn.Module, kwargs: dict[str, str]) -> Any:
+    """The denoiser's LoRA network on the meta-device denoiser, by the network module's own target rules (None
+    when a plug-in cannot be built without the model's weights)."""
     module = network_module(args)
+    if not takes_our_models(module):
+        return _plugin_denoiser_network(args, module, network_models(module, None, denoiser).denoiser, kwargs)
     kwargs = {key: value for key, value in kwargs.items() if key != _T5_SWITCH}  # a text-encoder switch
     with torch.device("meta"):
         if args.dim_from_weights:
@@ -153,7 +167,30 @@ def _denoiser_lora_params(args: argparse.Namespace, denoiser: torch.nn.Module, k
         else:
             network = module.create_network(1.0, args.network_dim, args.network_alpha, None, None, denoiser,
                                             neuron_dropout=args.network_dropout, **kwargs)
-    return sum(param.numel() for param in network.parameters())
+    return network
+
+
+def _plugin_denoiser_network(args: argparse.Namespace, module: Any, view: torch.nn.Module, kwargs: dict[str, str]) -> Any:
+    """A plug-in's network on the view of the meta-device denoiser. Its own modules are made on the CPU (LyCORIS
+    sizes some with .item(), which the meta device refuses) and registered by apply_to, as in a run."""
+    try:
+        if args.dim_from_weights:
+            network, _ = module.create_network_from_weights(1.0, args.network_weights, None, None, view, **kwargs)
+        else:
+            network = module.create_network(1.0, args.network_dim, args.network_alpha, None, None, view,
+                                            neuron_dropout=args.network_dropout, **kwargs)
+        network.apply_to(None, view, False, True)
+    except (RuntimeError, NotImplementedError) as error:  # e.g. LyCORIS' DoRA and full copy the base weights
+        logger.warning("--dry_run: --network_module %s cannot be sized without the model's weights (%s); the memory "
+                       "estimate leaves its parameters out", args.network_module, str(error).splitlines()[0])
+        return None
+    return network
+
+
+def _unet_block_lrs(network: Any) -> list[BlockLr] | None:
+    """The denoiser's blocks with their learning-rate weights when the network has block-wise rates (networks.lora)."""
+    block_lrs = getattr(network, "unet_block_lrs", None)
+    return block_lrs() if block_lrs is not None else None
 
 
 def memory_inputs(args: argparse.Namespace, run: RunConfig, profile: ModelProfile, train_set: TrainDataset,
@@ -274,7 +311,7 @@ def _caches(plan: DryRunPlan) -> str:
 
 def _learning_rates(plan: DryRunPlan) -> str:
     lines = ["learning rates (optimizer param groups)"]
-    lines += [f"  {group.description}: {'the optimizer default' if group.lr is None else f'{group.lr:g}'}"
+    lines += [f"  {group.label}: {'the optimizer default' if group.lr is None else f'{group.lr:g}'}"
               for group in plan.lr_groups] or ["  no group trains anything"]
     if plan.profile is None:
         lines.append("  (text-encoder groups unknown: the model file's header could not be read)")

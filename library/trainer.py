@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -28,11 +27,15 @@ from library.dataset.config import DatasetOptions, load_dataset_configs
 from library.dataset.dataset import TrainDataset, split_validation
 from library.compile import compile_blocks
 from library.dry_run import format_dry_run, plan_dry_run
+from library.fp8 import Fp8Layout, Fp8Parts, move_keeping_fp8
+from library.hub_models import resolve_hub_models
 from library.lr_schedulers import SchedulerConfig, build_lr_scheduler
-from library.metadata import minimum_metadata
+from library.metadata import BaseModelFacts
 from library.models.tokenizers import TokenizerUnavailable
 from library.optim import OptimizerConfig, build_optimizer, set_train_mode
+from library.resume import ResumePoint, read_resume_point, restore
 from library.run_config import RunConfig, SampleConfig, SaveConfig, ValidationConfig
+from library.run_metadata import RunMetadata, run_metadata
 from library.sample_prompts import load_sample_prompts
 from library.saving import (
     epoch_file_name,
@@ -45,7 +48,7 @@ from library.saving import (
     step_state_name,
     steps_keep_count,
 )
-from library.train_state import TrainState, resolve_resume_folder, save_state_folder
+from library.train_state import TrainState, save_state_folder
 from library.trainer_setup import (
     allow_fp16_gradients,
     any_rank_diverged,
@@ -58,11 +61,14 @@ from library.trainer_setup import (
     log_flag_notes,
     make_accelerator,
     merge_base_weights,
+    models_for_network,
     seed_step,
     set_seed,
     show_dataset,
-    training_metadata,
 )
+from library.weighted_captions import check_weighted_captions
+from networks.network_module import optimizer_params
+from networks.plugin_view import NetworkModels
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +94,14 @@ class Models:
 
 class NetworkTrainer:
     # ------------------------------------------------------------------ family hooks
+    # Which frozen layers --fp8_base / --fp8_base_unet store in fp8 (library/fp8.py). The loop applies them once the
+    # caches are filled (caches come from the full-precision models, as in sd-scripts) and before the network wraps
+    # the layers. None: the family stores nothing this way (SD3 stores its fp8 parts while loading).
+    fp8_denoiser_layout: Fp8Layout | None = None
+    fp8_text_encoder_layout: Fp8Layout | None = None
+    # Model flags whose loader reads diffusers folders, so a hub repo id may name one (library/hub_models.py).
+    hub_folder_flags: tuple[str, ...] = ("pretrained_model_name_or_path", "vae")
+
     def check_model_files(self, args: argparse.Namespace) -> None:
         """Cheap checks of the model files (exist, right family) before the dataset is scanned."""
         raise NotImplementedError
@@ -116,9 +130,13 @@ class NetworkTrainer:
                       device: torch.device) -> list[Path]:
         raise NotImplementedError
 
-    def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
-        """ss_base_model_version, modelspec.* and the family's own ss_* keys."""
+    def model_facts(self, args: argparse.Namespace, models: Models) -> BaseModelFacts:
+        """What the LoRA's metadata says about the base model (ss_base_model_version, ss_v2, modelspec.*)."""
         raise NotImplementedError
+
+    def model_metadata(self, args: argparse.Namespace, models: Models) -> dict[str, str]:
+        """The family's own ss_* keys (sd-scripts' update_metadata); they win over shared keys of the same name."""
+        return {}
 
     def encode_prompts(self, models: Models, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """encode_text for preview prompts: outputs computed before the text encoders left the GPU when they are
@@ -132,18 +150,20 @@ class NetworkTrainer:
                        resolutions: list[tuple[int, int]]) -> None:
         """Put the frozen denoiser on the training device (a family with block swap or fp8 weights does more).
         `resolutions` are the (width, height) buckets training will use."""
-        models.denoiser.to(device, dtype=dtype)
+        move_keeping_fp8(models.denoiser, device, dtype)
 
     def place_text_encoders(self, args: argparse.Namespace, run: RunConfig, models: Models, device: torch.device) -> None:
         """Put the frozen text encoders where they encode: the training device, in the base-weight dtype
         (SD3 keeps T5-XXL where --t5xxl_device / --t5xxl_dtype say)."""
         for encoder in models.text_encoders:
-            encoder.to(device, dtype=run.weight_dtype)
+            move_keeping_fp8(encoder, device, run.weight_dtype)
 
     # ------------------------------------------------------------------ the run
     def train(self, args: argparse.Namespace) -> Path | None:
-        resumed = TrainState.read(resolve_resume_folder(args.resume)) if args.resume else None
-        run = RunConfig.from_args(args, resumed_seed=resumed.seed if resumed else None)
+        args = resolve_hub_models(args, self.hub_folder_flags)
+        resumed = read_resume_point(args.resume) if args.resume else None
+        run = RunConfig.from_args(args, resumed_seed=resumed.state.seed if resumed else None)
+        fp8 = Fp8Parts.from_args(args)
         log_flag_notes(args)
         check_input_files(args)
         self.check_model_files(args)
@@ -155,6 +175,8 @@ class NetworkTrainer:
         dataset_options = DatasetOptions.from_args(args)
         train_set, val_set = split_validation(load_dataset_configs(dataset_options), dataset_options, seed=run.seed)
         self._check_cache_conflicts(args, train_set)
+        if args.weighted_captions:
+            check_weighted_captions([train_set, val_set], args.sample_prompts)
         _report_dataset(train_set)
         if args.debug_dataset:
             show_dataset(train_set)
@@ -171,11 +193,15 @@ class NetworkTrainer:
         if args.cache_text_encoder_outputs and not args.network_train_unet_only:
             logger.info("text-encoder outputs are cached, so only the denoiser's LoRA trains (as --network_train_unet_only)")
         self._cache_inputs(args, run, models, train_set, val_set, accelerator)
-        network = create_network(args, models.vae, models.text_encoder_arg(), models.denoiser, train_text_encoder)
+        self._store_in_fp8(fp8, models)
+        network_models = models_for_network(args, models.text_encoder_arg(), models.denoiser)
+        network = create_network(args, models.vae, models.text_encoder_arg(), models.denoiser, train_text_encoder,
+                                 network_models)
         self._place_models(args, run, models, network, train_text_encoder, accelerator.device,
                            [reso for reso, _ in train_set.bucket_summary()])
 
-        ctx = self._make_loop(args, run, accelerator, models, network, train_set, val_set, train_text_encoder, resumed)
+        ctx = self._make_loop(args, run, accelerator, models, network, train_set, val_set, train_text_encoder, resumed,
+                              network_models)
         if ctx.sample.at_first and ctx.state.global_step == 0:
             self._sample(ctx, epoch=None)
         self._loop(ctx)
@@ -223,6 +249,14 @@ class NetworkTrainer:
             for encoder in models.text_encoders:
                 encoder.to("cpu")
 
+    def _store_in_fp8(self, fp8: Fp8Parts, models: Models) -> None:
+        if fp8.denoiser and self.fp8_denoiser_layout is not None:
+            count = self.fp8_denoiser_layout.store(models.denoiser)
+            logger.info("fp8 base: %d denoiser weights stored in float8_e4m3fn", count)
+        if fp8.text_encoders and self.fp8_text_encoder_layout is not None:
+            count = sum(self.fp8_text_encoder_layout.store(encoder) for encoder in models.text_encoders)
+            logger.info("fp8 base: %d text-encoder weights stored in float8_e4m3fn", count)
+
     def _place_models(self, args, run: RunConfig, models: Models, network, train_text_encoder: bool, device,
                       resolutions: list[tuple[int, int]]) -> None:
         self.place_denoiser(args, models, device, run.weight_dtype, resolutions)
@@ -239,9 +273,10 @@ class NetworkTrainer:
             network.to(run.weight_dtype)
 
     def _make_loop(self, args, run: RunConfig, accelerator: Accelerator, models: Models, network, train_set: TrainDataset,
-                   val_set: TrainDataset | None, train_text_encoder: bool, resumed: TrainState | None) -> "_LoopContext":
+                   val_set: TrainDataset | None, train_text_encoder: bool, resumed: ResumePoint | None,
+                   network_models: NetworkModels) -> "_LoopContext":
         """Optimizer, scheduler and data loader through accelerate, and where the run starts."""
-        params, lr_names = network.prepare_optimizer_params(args.text_encoder_lr or None, args.unet_lr, args.learning_rate)
+        params, lr_names = optimizer_params(network, args.text_encoder_lr, args.unet_lr, args.learning_rate)
         optimizer_name, optimizer = build_optimizer(OptimizerConfig.from_args(args), params)
         workers = args.max_data_loader_n_workers
         loader = torch.utils.data.DataLoader(train_set, batch_size=1, shuffle=False, collate_fn=_first, num_workers=workers,
@@ -258,16 +293,17 @@ class NetworkTrainer:
             allow_fp16_gradients(accelerator)
 
         state = initial_state(args, steps_per_epoch, run.seed)
-        for _ in range(state.global_step):
-            scheduler.step()  # the schedule continues where --initial_step says the run stands
         if resumed is not None:
-            accelerator.load_state(str(resolve_resume_folder(args.resume)))
-            state = resumed
+            state = restore(resumed, accelerator, network, optimizer, steps_per_epoch=steps_per_epoch, seed=run.seed,
+                            optimizer_config=OptimizerConfig.from_args(args))
             logger.info("resumed from %s at epoch %d, step %d", args.resume, state.epoch, state.global_step)
+        if resumed is None or resumed.from_sd_scripts:  # our state folders bring the scheduler's own state
+            for _ in range(state.global_step):
+                scheduler.step()  # the schedule continues where --initial_step (or the sd-scripts state) says the run stands
 
-        metadata = training_metadata(args, train_set, optimizer_name=optimizer_name, max_steps=max_steps, max_epochs=max_epochs,
-                                     run=run, num_processes=accelerator.num_processes)
-        metadata.update(self.model_metadata(args, models))
+        metadata = run_metadata(args, self.model_facts(args, models), self.model_metadata(args, models), train_set, val_set,
+                                optimizer_name=optimizer_name, num_batches_per_epoch=len(loader), max_steps=max_steps,
+                                max_epochs=max_epochs, run=run, num_processes=accelerator.num_processes)
         init_trackers(accelerator, args)
         logger.info("steps per epoch %d, epochs %d, total optimizer steps %d, optimizer %s", steps_per_epoch, max_epochs,
                     max_steps, optimizer_name)
@@ -276,7 +312,7 @@ class NetworkTrainer:
             train_set=train_set, val_set=val_set, save=SaveConfig.from_args(args, max_epochs), sample=SampleConfig.from_args(args),
             validation=ValidationConfig.from_args(args), metadata=metadata, lr_names=lr_names, run=run, max_steps=max_steps,
             max_epochs=max_epochs, steps_per_epoch=steps_per_epoch, train_text_encoder=train_text_encoder,
-            skip_data=args.skip_until_initial_step or resumed is not None, state=state)
+            skip_data=args.skip_until_initial_step or resumed is not None, network_models=network_models, state=state)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self, ctx: "_LoopContext") -> None:
@@ -290,7 +326,7 @@ class NetworkTrainer:
             loader, done = ctx.loader, state.global_step - epoch * ctx.steps_per_epoch if ctx.skip_data else 0
             if done > 0:
                 loader = accelerator.skip_first_batches(loader, done * run.gradient_accumulation_steps)
-            accelerator.unwrap_model(ctx.network).on_epoch_start(ctx.models.text_encoders, ctx.models.denoiser)
+            accelerator.unwrap_model(ctx.network).on_epoch_start(ctx.network_models.text_encoder, ctx.network_models.denoiser)
             for batch_index, batch in enumerate(loader, start=max(done, 0) * run.gradient_accumulation_steps):
                 ctx.train_set.set_current_step(state.global_step)
                 if self._optimizer_step(ctx, batch, epoch * len(ctx.loader) + batch_index, recent):
@@ -410,12 +446,10 @@ class NetworkTrainer:
         logger.info("validation loss %.5f at step %d", mean, state.global_step)
 
     # ------------------------------------------------------------------ saving
-    def _save_lora(self, ctx: "_LoopContext", file_name: str) -> Path:
+    def _save_lora(self, ctx: "_LoopContext", file_name: str, *, final: bool = False) -> Path:
+        """ss_epoch counts as sd-scripts: epochs completed at a step or epoch save, the run's epochs at the end."""
         path = ctx.save.output_dir / file_name
-        metadata = dict(ctx.metadata, ss_epoch=str(ctx.state.epoch), ss_steps=str(ctx.state.global_step),
-                        ss_training_finished_at=str(time.time()))
-        if ctx.save.no_metadata:
-            metadata = minimum_metadata(metadata)
+        metadata = ctx.metadata.for_save(epoch=ctx.max_epochs if final else ctx.state.epoch, steps=ctx.state.global_step)
         with self._evaluating(ctx):
             ctx.accelerator.unwrap_model(ctx.network).save_weights(str(path), ctx.save.dtype, metadata)
         logger.info("saved %s", path)
@@ -455,7 +489,7 @@ class NetworkTrainer:
 
     def _finish(self, ctx: "_LoopContext") -> Path | None:
         ctx.accelerator.wait_for_everyone()
-        path = self._save_lora(ctx, ctx.save.output_name + ctx.save.ext) if ctx.accelerator.is_main_process else None
+        path = self._save_lora(ctx, ctx.save.output_name + ctx.save.ext, final=True) if ctx.accelerator.is_main_process else None
         if ctx.save.save_state or ctx.save.save_state_on_train_end:
             self._save_state(ctx, last_state_name(ctx.save.output_name))
         ctx.accelerator.end_training()
@@ -544,7 +578,7 @@ class _LoopContext:
     save: SaveConfig
     sample: SampleConfig
     validation: ValidationConfig
-    metadata: dict[str, str]
+    metadata: RunMetadata
     lr_names: list[str]
     run: RunConfig
     max_steps: int
@@ -552,6 +586,7 @@ class _LoopContext:
     steps_per_epoch: int
     train_text_encoder: bool
     skip_data: bool  # resuming (or --skip_until_initial_step): skip the batches already trained on in this epoch
+    network_models: NetworkModels  # the text encoder(s) and denoiser as the network module sees them
     state: TrainState
 
 

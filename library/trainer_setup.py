@@ -1,15 +1,15 @@
 """The pieces of a training run that are set up once from the flags: accelerate, trackers, input checks,
-the LoRA network, metadata, and the per-step seeding and gradient averaging the loop relies on."""
+the LoRA network, and the per-step seeding and gradient averaging the loop relies on."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import random
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -17,13 +17,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 
-from library.args import parse_resolution
 from library.dataset.dataset import TrainDataset
 from library.fingerprint import file_identity
-from library.metadata import lora_training_metadata
 from library.run_config import RunConfig
-from library.saving import checkpoint_hashes
 from library.train_state import TrainState
+from networks.lora_weights_check import check_weights_file
+from networks.network_module import check_adapted, check_network_args, load_network_module
+from networks.plugin_view import NetworkModels, network_models, takes_our_models
 
 logger = logging.getLogger(__name__)
 
@@ -87,16 +87,25 @@ def init_trackers(accelerator: Accelerator, args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- checks and notes
 def check_input_files(args: argparse.Namespace) -> None:
-    """Every file or folder a flag names must exist, checked before anything slow happens."""
+    """Every file or folder a flag names must exist, and --network_module must import, checked before anything
+    slow happens."""
     if not args.pretrained_model_name_or_path:
         raise ValueError("--pretrained_model_name_or_path is required: the checkpoint file (or diffusers folder) to train on")
+    network_module(args)
+    check_network_args(args.network_module, parse_network_args(args.network_args or []),
+                       fp8_base=bool(args.fp8_base or args.fp8_base_unet))
     named = {"--vae": args.vae, "--network_weights": args.network_weights, "--resume": args.resume,
              "--sample_prompts": args.sample_prompts, "--dataset_config": args.dataset_config,
              "--train_data_dir": args.train_data_dir, "--reg_data_dir": args.reg_data_dir, "--in_json": args.in_json}
     named.update({f"--base_weights {path}": path for path in args.base_weights or []})
+    if args.metadata_thumbnail and not args.metadata_thumbnail.startswith("data:"):
+        named["--metadata_thumbnail"] = args.metadata_thumbnail
     for flag, path in named.items():
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{flag.split()[0]} {path}: not found")
+    for flag, path in [("--network_weights", args.network_weights), *(("--base_weights", p) for p in args.base_weights or [])]:
+        if path is not None:
+            check_weights_file(flag, path)
     if args.base_weights_multiplier and len(args.base_weights_multiplier) != len(args.base_weights or []):
         raise ValueError("--base_weights_multiplier needs one value per --base_weights file")
 
@@ -156,73 +165,52 @@ def parse_network_args(items: list[str]) -> dict[str, str]:
     return parsed
 
 
-def network_module(args: argparse.Namespace) -> Any:
-    return importlib.import_module(args.network_module or "networks.lora")
+def network_module(args: argparse.Namespace) -> ModuleType:
+    return load_network_module(args.network_module)
 
 
 def merge_base_weights(args: argparse.Namespace, vae: torch.nn.Module, text_encoder: Any, denoiser: torch.nn.Module) -> None:
     """--base_weights: LoRA files merged into the frozen models before training (and before caching)."""
     module = network_module(args)
+    seen = network_models(module, text_encoder, denoiser)
     multipliers = args.base_weights_multiplier or [1.0] * len(args.base_weights or [])
     for path, multiplier in zip(args.base_weights or [], multipliers):
-        base, weights = module.create_network_from_weights(multiplier, path, vae, text_encoder, denoiser, for_inference=True)
-        base.merge_to(text_encoder, denoiser, weights, getattr(denoiser, "dtype", torch.float32), "cpu")
+        base, weights = module.create_network_from_weights(multiplier, path, vae, seen.text_encoder, seen.denoiser,
+                                                           for_inference=True)
+        base.merge_to(seen.text_encoder, seen.denoiser, weights, getattr(denoiser, "dtype", torch.float32), "cpu")
         logger.info("merged base weights %s (multiplier %s)", path, multiplier)
 
 
+def models_for_network(args: argparse.Namespace, text_encoder: Any, denoiser: torch.nn.Module) -> NetworkModels:
+    """The text encoder(s) and denoiser as --network_module is handed them: ours for networks.lora, views shaped
+    like sd-scripts' models for a plug-in. Build them once per run and pass them to every call of the network."""
+    return network_models(network_module(args), text_encoder, denoiser)
+
+
 def create_network(args: argparse.Namespace, vae: torch.nn.Module, text_encoder: Any, denoiser: torch.nn.Module,
-                   train_text_encoder: bool) -> Any:
-    """The trained network through sd-scripts' module contract (any --network_module written for it works)."""
+                   train_text_encoder: bool, seen: NetworkModels | None = None) -> Any:
+    """The trained network through sd-scripts' module contract (any --network_module written for it works).
+    `seen`: the models as the module sees them (`models_for_network`), when the caller keeps them for later calls."""
     module, kwargs = network_module(args), parse_network_args(args.network_args or [])
+    seen = seen or network_models(module, text_encoder, denoiser)
     if args.dim_from_weights:
-        network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, text_encoder, denoiser,
+        network, _ = module.create_network_from_weights(1.0, args.network_weights, vae, seen.text_encoder, seen.denoiser,
                                                         neuron_dropout=args.network_dropout, **kwargs)
     else:
-        network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, text_encoder, denoiser,
+        if not takes_our_models(module):
+            kwargs.setdefault("dropout", args.network_dropout)  # as sd-scripts: LyCORIS reads no neuron_dropout
+        network = module.create_network(1.0, args.network_dim, args.network_alpha, vae, seen.text_encoder, seen.denoiser,
                                         neuron_dropout=args.network_dropout, **kwargs)
     if network is None:
         raise ValueError(f"--network_module {args.network_module} created no network")
-    network.apply_to(text_encoder, denoiser, train_text_encoder, not args.network_train_text_encoder_only)
+    train_denoiser = not args.network_train_text_encoder_only
+    network.apply_to(seen.text_encoder, seen.denoiser, train_text_encoder, train_denoiser)
+    check_adapted(network, args.network_module, train_denoiser=train_denoiser, train_text_encoder=train_text_encoder)
     if args.network_weights:
         info = network.load_weights(args.network_weights)
         logger.info("loaded network weights from %s: %s", args.network_weights, info)
-    network.prepare_grad_etc(text_encoder, denoiser)
+    network.prepare_grad_etc(seen.text_encoder, seen.denoiser)
     return network
-
-
-def training_metadata(args: argparse.Namespace, train_set: TrainDataset, *, optimizer_name: str, max_steps: int,
-                      max_epochs: int, run: RunConfig, num_processes: int) -> dict[str, str]:
-    """The ss_* keys sd-scripts' train_network.py writes (family keys come from the family's hook)."""
-    fields = dict(
-        network_module=args.network_module or "networks.lora", network_dim=args.network_dim, network_alpha=args.network_alpha,
-        network_args=parse_network_args(args.network_args or []), network_dropout=args.network_dropout,
-        training_started_at=time.time(), session_id=random.randint(0, 2**32), output_name=args.output_name,
-        num_train_images=train_set.num_train_images, num_reg_images=train_set.num_reg_images,
-        num_batches_per_epoch=len(train_set), num_epochs=max_epochs, tag_frequency=train_set.tag_frequency(),
-        dataset_dirs=train_set.dataset_dirs_info(), reg_dataset_dirs=train_set.reg_dataset_dirs_info(),
-        batch_size_per_device=train_set.configs[0].batch_size if train_set.configs else None,
-        total_batch_size=(train_set.configs[0].batch_size if train_set.configs else 1) * num_processes * run.gradient_accumulation_steps,
-        resolution=parse_resolution(args.resolution) if args.resolution else None, cache_latents=args.cache_latents, learning_rate=args.learning_rate, unet_lr=args.unet_lr,
-        text_encoder_lr=args.text_encoder_lr, optimizer=optimizer_name, lr_scheduler=args.lr_scheduler,
-        lr_warmup_steps=args.lr_warmup_steps, max_train_steps=max_steps, seed=run.seed, mixed_precision=run.mixed_precision,
-        full_fp16=args.full_fp16, gradient_checkpointing=args.gradient_checkpointing,
-        gradient_accumulation_steps=run.gradient_accumulation_steps, max_grad_norm=run.max_grad_norm,
-        scale_weight_norms=args.scale_weight_norms, clip_skip=args.clip_skip, noise_offset=args.noise_offset,
-        noise_offset_random_strength=args.noise_offset_random_strength, adaptive_noise_scale=args.adaptive_noise_scale,
-        multires_noise_iterations=args.multires_noise_iterations, multires_noise_discount=args.multires_noise_discount,
-        min_snr_gamma=args.min_snr_gamma, training_comment=args.training_comment, max_token_length=args.max_token_length,
-        prior_loss_weight=args.prior_loss_weight, loss_type=args.loss_type, huber_schedule=args.huber_schedule,
-        huber_c=args.huber_c, huber_scale=args.huber_scale, ip_noise_gamma=args.ip_noise_gamma,
-        ip_noise_gamma_random_strength=args.ip_noise_gamma_random_strength, debiased_estimation=args.debiased_estimation_loss,
-        zero_terminal_snr=args.zero_terminal_snr,
-        validation_split=args.validation_split, validation_seed=args.validation_seed,
-        max_validation_steps=args.max_validation_steps, validate_every_n_steps=args.validate_every_n_steps,
-        validate_every_n_epochs=args.validate_every_n_epochs, bucket_info=train_set.bucket_summary(),
-    )
-    model = Path(args.pretrained_model_name_or_path or "")
-    if model.is_file():
-        fields["sd_model_hash"], fields["new_sd_model_hash"] = checkpoint_hashes(model)
-    return lora_training_metadata(**fields)
 
 
 # ---------------------------------------------------------------------------------------------- per step

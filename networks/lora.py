@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from library.saving import save_lora_file
+from networks.lora_block_lr import BlockLr, BlockLrWeights, parse_block_lr_weights
 from networks.lora_config import LoRAConfig, NetworkArgsError, RankPlan, rank_args_in
+from networks.lora_family import guess_lora_family
 from networks.lora_targets import (
     ModuleTargets,
     NetworkTargets,
@@ -31,6 +33,7 @@ from networks.lora_targets import (
     find_target_layers,
     resolve_targets,
 )
+from networks.lora_weights_check import check_weights_fit, read_lora_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +220,7 @@ class LoRANetwork(nn.Module):
         targets = targets or resolve_targets(text_encoders, unet).enabled(frozenset())
         self.multiplier = multiplier
         self.loraplus_lr_ratio = self.loraplus_unet_lr_ratio = self.loraplus_text_encoder_lr_ratio = None
+        self.block_lr_weights: BlockLrWeights | None = None
         make = {"ranks": ranks, "multiplier": multiplier, "dropout": dropout, "rank_dropout": rank_dropout,
                 "module_dropout": module_dropout}
         self.text_encoder_groups: list[list[LoRAModule]] = []
@@ -225,12 +229,16 @@ class LoRANetwork(nn.Module):
             number = "" if len(text_encoders) == 1 else str(i + 1)  # lora_te, or lora_te1, lora_te2, ...
             prefix = layout.prefix + number if layout else ""
             self.text_encoder_groups.append(_create_modules(encoder, layout, prefix, self.skipped_names, per_block=False, **make))
+        self.unet_block_of: dict[str, int | None] = {}  # denoiser LoRA name -> its block id (block-wise learning rates)
         self.unet_loras = [] if unet is None else _create_modules(unet, targets.denoiser, targets.denoiser.prefix,
-                                                                  self.skipped_names, per_block=True, **make)
+                                                                  self.skipped_names, per_block=True,
+                                                                  block_of=self.unet_block_of, **make)
         for lora in self._all_loras():
             if hasattr(self, lora.lora_name):
                 raise ValueError(f"duplicated LoRA name {lora.lora_name}: two layers map to one name")
             self.add_module(lora.lora_name, lora)
+        # The family of the model, from the names of every layer it offers (messages about files of another family).
+        self.model_family = guess_lora_family([lora.lora_name for lora in self._all_loras()] + self.skipped_names)
         logger.info("LoRA: %d text-encoder modules, %d U-Net modules", len(self.text_encoder_loras), len(self.unet_loras))
 
     @property
@@ -279,25 +287,44 @@ class LoRANetwork(nn.Module):
         self.loraplus_unet_lr_ratio = loraplus_unet_lr_ratio
         self.loraplus_text_encoder_lr_ratio = loraplus_text_encoder_lr_ratio
 
+    def set_block_lr_weights(self, weights: BlockLrWeights | None) -> None:
+        """Block-wise learning rates for the denoiser's LoRA (None: one rate for all of it)."""
+        self.block_lr_weights = weights
+
+    def unet_block_lrs(self) -> list[BlockLr] | None:
+        """The denoiser blocks that have LoRA modules, with their learning-rate weights (None: not block-wise)."""
+        if self.block_lr_weights is None:
+            return None
+        return self.block_lr_weights.block_lrs(self.unet_block_of.get(lora.lora_name) for lora in self.unet_loras)
+
     def prepare_optimizer_params(self, text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None,
                                  default_lr: float | None = None) -> tuple[list[dict], list[str]]:
         """Optimizer param groups and one description per group ("textencoder", "unet", "… plus").
 
         `text_encoder_lr` is one value, one per text encoder (a short list repeats its last value, as
         sd-scripts' --text_encoder_lr nargs='*'), or None for `default_lr`. LoRA+ puts each part's
-        lora_up weights in a "plus" group at lr * ratio. Groups with lr 0 are left out (frozen).
+        lora_up weights in a "plus" group at lr * ratio. With block-wise learning rates the denoiser has
+        one group per block ("unet_block13", ...) at its lr * the block's weight. Groups with lr 0 are
+        left out (frozen).
         """
         self.requires_grad_(True)
         plans = plan_param_groups(
             text_encoder_lr, unet_lr, default_lr, text_encoder_parts=[bool(loras) for loras in self.text_encoder_groups],
             has_unet=bool(self.unet_loras), text_encoder_plus_ratio=self.loraplus_text_encoder_lr_ratio or self.loraplus_lr_ratio,
-            unet_plus_ratio=self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio)
+            unet_plus_ratio=self.loraplus_unet_lr_ratio or self.loraplus_lr_ratio, unet_blocks=self.unet_block_lrs())
         groups = []
         for plan in plans:
-            loras = self.unet_loras if plan.part is None else self.text_encoder_groups[plan.part]
-            params = [param for lora in loras for name, param in lora.named_parameters() if plan.selects(name)]
+            params = [param for lora in self._group_loras(plan) for name, param in lora.named_parameters()
+                      if plan.selects(name)]
             groups.append({"params": params} if plan.lr is None else {"params": params, "lr": plan.lr})
         return groups, [plan.description for plan in plans]
+
+    def _group_loras(self, plan: ParamGroupPlan) -> list[LoRAModule]:
+        if plan.part is not None:
+            return self.text_encoder_groups[plan.part]
+        if plan.block is None:
+            return self.unet_loras
+        return [lora for lora in self.unet_loras if self.unet_block_of.get(lora.lora_name) == plan.block.block]
 
     def enable_gradient_checkpointing(self) -> None:
         """LoRA layers hold no activations worth checkpointing; the call exists for sd-scripts callers."""
@@ -331,8 +358,13 @@ class LoRANetwork(nn.Module):
             logger.warning("merge: %d of %d LoRA tensors match no layer of this model", len(weights_sd) - consumed, len(weights_sd))
 
     def load_weights(self, file: str) -> Any:
-        """Load a LoRA file into this network (non-strict, as sd-scripts); returns the missing/unexpected keys."""
-        info = self.load_state_dict(load_lora_state_dict(file), strict=False)
+        """Load a LoRA file into this network (non-strict, as sd-scripts); returns the missing/unexpected keys.
+        A file of another family (no module matches) or of other ranks is a ValueError naming the file."""
+        weights = load_lora_state_dict(file)
+        check_weights_fit(str(file), {key: value.shape for key, value in weights.items()},
+                          {key: value.shape for key, value in self.state_dict().items()}, self.model_family,
+                          read_lora_metadata(file))
+        info = self.load_state_dict(weights, strict=False)
         if info.missing_keys or info.unexpected_keys:
             logger.warning("%s: %d keys missing, %d unexpected (first unexpected: %s)", file, len(info.missing_keys),
                            len(info.unexpected_keys), info.unexpected_keys[:3])
@@ -368,7 +400,10 @@ def _as_list(text_encoder: nn.Module | Sequence[nn.Module | None] | None) -> lis
 
 
 def _create_modules(model: nn.Module | None, layout: ModuleTargets | None, prefix: str, skipped: list[str],
-                    ranks: RankPlan, per_block: bool, **module_args: Any) -> list[LoRAModule]:
+                    ranks: RankPlan, per_block: bool, block_of: dict[str, int | None] | None = None,
+                    **module_args: Any) -> list[LoRAModule]:
+    """The LoRA modules of one model; `skipped` collects the targeted layers left alone, `block_of` each
+    module's block id."""
     if model is None or layout is None:
         return []
     layers = find_target_layers(model, layout, prefix, ranks.with_conv)
@@ -379,6 +414,8 @@ def _create_modules(model: nn.Module | None, layout: ModuleTargets | None, prefi
         rank = ranks.rank_for(layer, per_block)
         if rank is not None:
             loras.append(LoRAModule(layer.lora_name, layer.module, lora_dim=rank[0], alpha=rank[1], **module_args))
+            if block_of is not None:
+                block_of[layer.lora_name] = layer.block_index
         elif not layer.opt_in:
             skipped.append(layer.lora_name)
     return loras
@@ -416,6 +453,14 @@ class ParamGroupPlan:
     lr: float | None  # None: the optimizer's own --learning_rate
     plus: bool = False  # LoRA+: this group holds the part's lora_up weights
     split: bool = False  # LoRA+ is on for this part, so its lora_up weights live in the "plus" group
+    block: BlockLr | None = None  # block-wise learning rates: the denoiser block whose LoRA this group holds
+
+    @property
+    def label(self) -> str:
+        """The description, with the block's name and weight when the group is one block's."""
+        if self.block is None:
+            return self.description
+        return f"{self.description} ({self.block.name}, weight {self.block.weight:g})"
 
     def selects(self, param_name: str) -> bool:
         """Whether a LoRA module's parameter (`lora_down.weight`, `lora_up.weight`) belongs to this group."""
@@ -425,9 +470,11 @@ class ParamGroupPlan:
 
 def plan_param_groups(text_encoder_lr: float | Sequence[float] | None, unet_lr: float | None, default_lr: float | None,
                       *, text_encoder_parts: Sequence[bool], has_unet: bool, text_encoder_plus_ratio: float | None = None,
-                      unet_plus_ratio: float | None = None) -> list[ParamGroupPlan]:
+                      unet_plus_ratio: float | None = None, unet_blocks: Sequence[BlockLr] | None = None
+                      ) -> list[ParamGroupPlan]:
     """The param groups `prepare_optimizer_params` builds, without any model: `text_encoder_parts` says which
-    text encoders have LoRA modules, `has_unet` whether the denoiser has. Groups with lr 0 are left out."""
+    text encoders have LoRA modules, `has_unet` whether the denoiser has, `unet_blocks` its blocks with their
+    learning-rate weights (None: one group for the denoiser). Groups with lr 0 are left out."""
     plans: list[ParamGroupPlan] = []
     te_lrs = _text_encoder_lrs(text_encoder_lr, len(text_encoder_parts), default_lr)
     for i, (present, lr) in enumerate(zip(text_encoder_parts, te_lrs)):
@@ -435,15 +482,30 @@ def plan_param_groups(text_encoder_lr: float | Sequence[float] | None, unet_lr: 
         if present:
             plans += _part_plans(name, i, lr, text_encoder_plus_ratio)
     if has_unet:
-        plans += _part_plans("unet", None, unet_lr if unet_lr is not None else default_lr, unet_plus_ratio)
+        lr = unet_lr if unet_lr is not None else default_lr
+        if unet_blocks is None:
+            plans += _part_plans("unet", None, lr, unet_plus_ratio)
+        else:
+            for block in unet_blocks:
+                plans += _part_plans(block.description, None, _block_lr(lr, block), unet_plus_ratio, block)
     return plans
 
 
-def _part_plans(name: str, part: int | None, lr: float | None, plus_ratio: float | None) -> list[ParamGroupPlan]:
+def _block_lr(lr: float | None, block: BlockLr) -> float | None:
+    if block.weight == 1.0:
+        return lr
+    if lr is None:
+        raise NetworkArgsError("block-wise learning rates (down/mid/up_lr_weight) need a learning rate: "
+                               "set --learning_rate or --unet_lr")
+    return lr * block.weight
+
+
+def _part_plans(name: str, part: int | None, lr: float | None, plus_ratio: float | None,
+                block: BlockLr | None = None) -> list[ParamGroupPlan]:
     split = plus_ratio is not None
-    candidates = [(ParamGroupPlan(name, part, lr, split=split), 1.0)]
+    candidates = [(ParamGroupPlan(name, part, lr, split=split, block=block), 1.0)]
     if split:
-        candidates.append((ParamGroupPlan(f"{name} plus", part, lr, plus=True, split=True), plus_ratio))
+        candidates.append((ParamGroupPlan(f"{name} plus", part, lr, plus=True, split=True, block=block), plus_ratio))
     plans = []
     for plan, factor in candidates:
         if lr == 0:
@@ -456,15 +518,30 @@ def _part_plans(name: str, part: int | None, lr: float | None, plus_ratio: float
 
 
 def load_lora_state_dict(file: str | os.PathLike) -> dict[str, Tensor]:
-    """A LoRA file's tensors (.safetensors, or a torch state dict read with weights_only)."""
+    """A LoRA file's tensors (.safetensors, or a torch state dict read with weights_only); an empty or unreadable
+    file is a ValueError naming it."""
     path = Path(file)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA weights file not found: {path} (check --network_weights / --base_weights)")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{path}: the LoRA file is empty (0 bytes); was it saved or downloaded completely?")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    return torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            return load_file(str(path))
+        except SafetensorError as error:
+            raise ValueError(f"{path}: not a readable safetensors file ({str(error).splitlines()[0]})") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a malformed pickle fails in torch's unpickler with any error type; the file is at fault
+
+        raise ValueError(f"{path}: not a state dict torch.load can read ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0] if str(error) else 'no details'})") from None
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        raise ValueError(f"{path}: holds {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _check_dropout(name: str, value: float | None) -> None:
@@ -478,10 +555,13 @@ def create_network(multiplier: float, network_dim: int | None, network_alpha: fl
     _check_dropout("--network_dropout", neuron_dropout)
     text_encoders = _as_list(text_encoder)
     targets = resolve_targets(text_encoders, unet)
+    block_lr = parse_block_lr_weights(kwargs, targets.denoiser)
     config = _config(kwargs, targets)
     targets = targets.enabled(config.switches)  # e.g. T5 only with train_t5xxl=True
     ranks = RankPlan.from_network_args(network_dim, network_alpha, kwargs, targets.denoiser)
-    return _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets)
+    if block_lr is not None:
+        ranks = dataclasses.replace(ranks, zero_lr_blocks=block_lr.zero_blocks)
+    return _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets, block_lr)
 
 
 def _config(kwargs: Mapping[str, Any], targets: NetworkTargets) -> LoRAConfig:
@@ -512,8 +592,15 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
     neuron_dropout = kwargs.pop("neuron_dropout", None)
     text_encoders = _as_list(text_encoder)
     targets = resolve_targets(text_encoders, unet)
+    # The file decides which modules exist; a block of weight 0 keeps its modules, frozen (lr 0), as in sd-scripts.
+    block_lr = parse_block_lr_weights(kwargs, targets.denoiser)
     config = _config({k: v for k, v in kwargs.items() if k not in overridden}, targets)
-    network = _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets)
+    network = _build(text_encoders, unet, ranks, config, multiplier, neuron_dropout, targets, block_lr)
+    source = str(file) if file is not None else "the LoRA weights"
+    layers = [lora.lora_name for lora in network._all_loras()] + network.skipped_names  # what the file could match
+    check_weights_fit(source, {key: value.shape for key, value in weights_sd.items()},
+                      {key: value.shape for key, value in network.state_dict().items()}, network.model_family,
+                      read_lora_metadata(file), layers)
     missing = sorted(set(ranks.module_dims) - {lora.lora_name for lora in network._all_loras()})
     if missing:
         logger.warning("%s: %d LoRA modules match no layer of this model (first: %s); is it for another model family?",
@@ -522,10 +609,11 @@ def create_network_from_weights(multiplier: float, file: str | None, vae, text_e
 
 
 def _build(text_encoders: list, unet, ranks: RankPlan, config: LoRAConfig, multiplier: float,
-           neuron_dropout: float | None, targets: NetworkTargets) -> LoRANetwork:
+           neuron_dropout: float | None, targets: NetworkTargets, block_lr: BlockLrWeights | None) -> LoRANetwork:
     network = LoRANetwork(text_encoders, unet, ranks, multiplier, dropout=neuron_dropout, rank_dropout=config.rank_dropout,
                           module_dropout=config.module_dropout, targets=targets)
     network.set_loraplus_lr_ratio(config.loraplus_lr_ratio, config.loraplus_unet_lr_ratio, config.loraplus_text_encoder_lr_ratio)
+    network.set_block_lr_weights(block_lr)
     if config.verbose:
         network.log_modules()
     return network

@@ -48,10 +48,12 @@ from library.models.text_encoders import (
 from networks.lora import create_network
 from networks.lora_targets import (
     CLIP_TEXT_TARGETS,
+    ModuleTargets,
     TargetLayer,
     find_target_layers,
     resolve_targets,
 )
+from networks.plugin_view import sd_scripts_view, view_layers
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +175,8 @@ class LoRACheckpointMap:
     """Every LoRA module name a file may hold for one checkpoint, and where its weight is.
 
     `slots` covers every layer a LoRA of ours can target: the default targets, 3x3 convs (conv_dim), opt-in
-    layers (SD3's emb_dims) and T5 (train_t5xxl). `default_ranks` says which of them a training run with
+    layers (SD3's emb_dims) and T5 (train_t5xxl); and every other Linear / Conv2d, which a plug-in network such
+    as LyCORIS may adapt (networks/plugin_view.py). `default_ranks` says which of them a training run with
     given ranks adapts.
     """
 
@@ -258,10 +261,23 @@ def map_checkpoint(shapes: Mapping[str, Sequence[int]], source: str) -> LoRAChec
 def _target_layers(text_encoders: list[nn.Module | None], denoiser: nn.Module) -> list[list[TargetLayer]]:
     """[denoiser layers, then each text encoder's], with every optional layer included."""
     targets = resolve_targets(text_encoders, denoiser)
-    layers = [find_target_layers(denoiser, targets.denoiser, targets.denoiser.prefix, with_conv=True)]
+    layers = [_all_layers(denoiser, targets.denoiser, targets.denoiser.prefix)]
     for number, (encoder, layout) in enumerate(zip(text_encoders, targets.text_encoders), start=1):
         prefix = _encoder_prefix(layout.prefix, number, len(text_encoders)) if layout else ""
-        layers.append([] if encoder is None else find_target_layers(encoder, layout, prefix, with_conv=True))
+        layers.append([] if encoder is None else _all_layers(encoder, layout, prefix))
+    return layers
+
+
+def _all_layers(model: nn.Module, layout: ModuleTargets, prefix: str) -> list[TargetLayer]:
+    """Our LoRA's layers, then every other Linear / Conv2d a plug-in network (LyCORIS) may adapt, named as
+    sd-scripts' model names it (SD1/2's conv_in, conv_out, time_embedding.linear_1, ...)."""
+    layers = find_target_layers(model, layout, prefix, with_conv=True)
+    known = {layer.lora_name for layer in layers}
+    for path, module in view_layers(sd_scripts_view(model, layout)):
+        name = f"{prefix}_{path.replace('.', '_')}"
+        if name not in known:
+            is_conv_kxk = isinstance(module, nn.Conv2d) and tuple(module.kernel_size) != (1, 1)
+            layers.append(TargetLayer(name, module, None, is_conv_kxk))
     return layers
 
 
@@ -359,31 +375,3 @@ def map_with_text_encoder_files(shapes: Mapping[str, Sequence[int]], source: str
             del combined[key]
         combined.update(encoder.shapes)
     return map_checkpoint(combined, source)
-
-
-# ----------------------------------------------------------------------------- guessing a LoRA's family
-_SDXL_OR_SD3 = "SDXL or SD3"
-_NAME_FAMILIES = (
-    (("lora_unet_joint_blocks_", "lora_te3_"), "SD3/SD3.5"),
-    (("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"), "SDXL"),
-    (("lora_unet_down_blocks_", "lora_unet_mid_block_", "lora_unet_up_blocks_", "lora_te_"), "SD1.x/SD2.x"),
-    (("lora_te1_", "lora_te2_"), _SDXL_OR_SD3),
-)
-
-
-def guess_lora_family(names: Iterable[str]) -> str | None:
-    """The family a LoRA's module names suggest ("SDXL", "SD1.x/SD2.x", ...), or None for foreign names."""
-    names = list(names)
-    for prefixes, family in _NAME_FAMILIES:
-        if any(name.startswith(prefixes) for name in names):
-            return family
-    return None
-
-
-def lora_families_differ(first: str | None, second: str | None) -> bool:
-    """Whether two guesses of `guess_lora_family` rule each other out. "SDXL or SD3" (text-encoder modules
-    only) agrees with either; an unknown guess (None) rules out nothing."""
-    if first is None or second is None:
-        return False
-    open_guesses = {_SDXL_OR_SD3: {"SDXL", "SD3/SD3.5"}}
-    return not open_guesses.get(first, {first}) & open_guesses.get(second, {second})

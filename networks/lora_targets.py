@@ -32,6 +32,27 @@ SDXL_BLOCK_NAMES = tuple(
 )
 
 
+@dataclass(frozen=True)
+class BlockLrLayout:
+    """The block ids that sd-scripts' `down_lr_weight`, `mid_lr_weight` and `up_lr_weight` lists cover, in list
+    order (networks/lora_block_lr.py reads them)."""
+
+    down: range
+    mid: range
+    up: range
+
+
+# sd-scripts' --network_args for block-wise learning rates: the weight lists (in BlockLrLayout's field order) and
+# the threshold at or below which a weight becomes 0.
+BLOCK_LR_WEIGHT_ARGS = ("down_lr_weight", "mid_lr_weight", "up_lr_weight")
+BLOCK_LR_ZERO_THRESHOLD_ARG = "block_lr_zero_threshold"
+
+# SD1/2: 12 down weights (IN00..IN11; IN00 is conv_in, which has no LoRA), MID, 12 up weights (OUT00..OUT11).
+SD_BLOCK_LR = BlockLrLayout(down=range(0, 12), mid=range(12, 13), up=range(13, 25))
+# SDXL: 9 down weights (IN00..IN08), 3 mid (MID00..MID02), 9 up (OUT00..OUT08); BASE and OUT keep weight 1.
+SDXL_BLOCK_LR = BlockLrLayout(down=range(1, 10), mid=range(10, 13), up=range(13, 22))
+
+
 def _same_path(model: nn.Module, path: str) -> str:
     return path
 
@@ -68,6 +89,8 @@ class ModuleTargets:
     block_selection: bool = False
     # --network_args this family takes beyond the generic ones (parsed in networks/lora_config.py).
     family_args: frozenset[str] = frozenset()
+    # Where block-wise learning-rate weights land (None: the family has none).
+    block_lr: BlockLrLayout | None = None
 
     def accepted_args(self) -> frozenset[str]:
         """Family-specific --network_args names this layout gives a meaning to."""
@@ -78,6 +101,8 @@ class ModuleTargets:
             names.add("train_block_indices")
         if self.enabled_by:
             names.add(self.enabled_by)
+        if self.block_lr is not None:
+            names.update((*BLOCK_LR_WEIGHT_ARGS, BLOCK_LR_ZERO_THRESHOLD_ARG))
         return frozenset(names)
 
 
@@ -162,8 +187,9 @@ def _sd_unet_lora_path(unet: nn.Module, path: str) -> str:
 
 
 def _clip_lora_path(text_encoder: nn.Module, path: str) -> str:
-    # transformers 5 dropped CLIPTextModel's `text_model.` level; LoRA files keep it.
-    return path if path.startswith("text_model.") else "text_model." + path
+    # transformers 5 dropped CLIPTextModel's `text_model.` level (CLIPTextModelWithProjection keeps it, with
+    # text_projection beside it); LoRA files keep it.
+    return path if hasattr(text_encoder, "text_model") else "text_model." + path
 
 
 SD_UNET_TARGETS = ModuleTargets(
@@ -173,6 +199,7 @@ SD_UNET_TARGETS = ModuleTargets(
     lora_path=_sd_unet_lora_path,
     block_index=sd_unet_block_index,
     block_names=SD_BLOCK_NAMES,
+    block_lr=SD_BLOCK_LR,
 )
 
 # SDXL: the same containers, but sd-scripts' SDXL files spell the sgm module paths, which are ours.
@@ -182,6 +209,7 @@ SDXL_UNET_TARGETS = ModuleTargets(
     conv_container_classes=frozenset({"ResBlock", "Downsample", "Upsample"}),
     block_index=sdxl_unet_block_index,
     block_names=SDXL_BLOCK_NAMES,
+    block_lr=SDXL_BLOCK_LR,
 )
 
 # A diffusers UNet2DConditionModel already has the names sd-scripts writes: same file, other classes.
@@ -191,6 +219,7 @@ DIFFUSERS_SD_UNET_TARGETS = ModuleTargets(
     conv_container_classes=frozenset({"ResnetBlock2D", "Downsample2D", "Upsample2D"}),
     block_index=sd_unet_block_index,
     block_names=SD_BLOCK_NAMES,
+    block_lr=SD_BLOCK_LR,
 )
 
 CLIP_TEXT_TARGETS = ModuleTargets(

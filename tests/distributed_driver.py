@@ -39,8 +39,8 @@ class RecordingTrainer(SdNetworkTrainer):
         self.record["lrs"].append(ctx.scheduler.get_last_lr()[0])
         super()._after_step(ctx)
 
-    def _save_lora(self, ctx, file_name):
-        path = super()._save_lora(ctx, file_name)
+    def _save_lora(self, ctx, file_name, **options):
+        path = super()._save_lora(ctx, file_name, **options)
         self.record["saved"].append(path.name)
         return path
 

@@ -140,6 +140,9 @@ def _real_groups(trainer_class, argv: list[str], parser) -> tuple[list[str], lis
     ("sdxl", ["--text_encoder_lr1=3e-4", "--text_encoder_lr2=0", "--unet_lr=1e-4", "--network_args", "loraplus_lr_ratio=8"]),
     ("sd3", ["--text_encoder_lr", "2e-4", "5e-5", "--network_args", "train_t5xxl=True", "loraplus_unet_lr_ratio=4"]),
     ("sd1", ["--network_train_text_encoder_only", "--text_encoder_lr=7e-5"]),
+    ("sd1", ["--unet_lr=2e-4", "--network_args", "down_lr_weight=sine", "mid_lr_weight=0", "loraplus_lr_ratio=4",
+             "up_lr_weight=1,1,1,0.5,0.5,0.5,0.25,0.25,0.25,0,0,0"]),
+    ("sdxl", ["--network_args", "conv_dim=4", "mid_lr_weight=0.5,0,2", "up_lr_weight=reverse_linear+.1"]),
 ])
 def test_learning_rates_and_lora_size_match_the_optimizer_a_real_run_builds(family, extra, request, tmp_path, plans):
     script, checkpoint, tokenizers = _scripts(request)[family]
@@ -225,3 +228,26 @@ def test_dim_from_weights_sizes_every_part_from_the_file(tiny_sd1_checkpoint, to
                                  f"--network_weights={trained / 'lora.safetensors'}", "--dim_from_weights", "--dry_run"))
     [lora_term] = [term for term in plans[-1].memory.terms if term.name == "LoRA weights"]
     assert f"{in_file:,} parameters" in lora_term.note
+
+
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_fp8_base_takes_a_byte_off_every_unet_linear_and_conv_weight(family, request, tmp_path, plans, no_model_loading):
+    """--fp8_base_unet stores each U-Net matrix and conv kernel in one byte instead of bf16's two (but time_embed.0,
+    whose dtype the U-Net computes in); --fp8_base also the text encoders' Linear weights. Counted here from the
+    checkpoint header, independently of the model classes the dry run builds."""
+    from library.checkpoint_profile import read_header
+
+    script, checkpoint, tokenizers = _scripts(request)[family]
+    dataset = two_bucket_dataset(tmp_path / "data")
+    for extra in ([], ["--fp8_base_unet"], ["--fp8_base"]):
+        script.main(base_argv(checkpoint, tokenizers, dataset, tmp_path / "out", "--mixed_precision=bf16", "--dry_run", *extra))
+    plain, unet_only, both = (plan.memory for plan in plans[-3:])
+    prefix = "model.diffusion_model."
+    unet_fp8 = sum(info.numel for key, info in read_header(checkpoint).items()
+                   if key.startswith(prefix) and key.endswith(".weight") and len(info.shape) in (2, 4)
+                   and key != prefix + "time_embed.0.weight")
+    assert plain.term("denoiser weights") - unet_only.term("denoiser weights") == unet_fp8
+    assert unet_only.term("denoiser weights") == both.term("denoiser weights")
+    assert unet_only.term("text encoder weights") == plain.term("text encoder weights")
+    assert both.term("text encoder weights") < plain.term("text encoder weights")
+    assert both.peak_allocated < unet_only.peak_allocated < plain.peak_allocated
