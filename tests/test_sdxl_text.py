@@ -19,6 +19,7 @@ from library.fixtures.tiny_sdxl import (
     TINY_CLIP_G_PROJECTION,
     TINY_CLIP_G_WIDTH,
     TINY_CLIP_L_WIDTH,
+    tiny_sdxl_text_encoders,
     tiny_sdxl_text_weights,
 )
 from library.models.sdxl_text import (
@@ -44,10 +45,7 @@ def tokenizers(sdxl_tokenizer_cache_dir: Path) -> SdxlTokenizers:
 
 @pytest.fixture(scope="module")
 def encoders():
-    weights = tiny_sdxl_text_weights(torch.Generator().manual_seed(0))
-    clip_l = load_clip_text_model(weights["clip_l"], hidden_act="quick_gelu").eval()
-    clip_g = load_clip_text_model(weights["clip_g"], with_projection=True, hidden_act="gelu").eval()
-    return clip_l, clip_g
+    return tiny_sdxl_text_encoders(seed=0)
 
 
 def ids_of(tokenizer, words: str) -> list[int]:

@@ -20,7 +20,7 @@ import sdxl_train_network
 import train_network
 from library.args import parse_args
 from library.fixtures.images import write_fixture_images
-from library.fixtures.tiny_sdxl import tiny_sdxl_text_weights
+from library.fixtures.tiny_sdxl import tiny_sdxl_text_encoders
 from library.models.checkpoint import strip_prefix
 from library.models.clip_text import encode_chunked, tokenize_chunked, tokenize_weighted_chunked
 from library.models.sd_loading import load_sd_models
@@ -69,10 +69,7 @@ def sd1_encoder(tiny_sd1_checkpoint: Path):
 
 @pytest.fixture(scope="module")
 def sdxl_encoders():
-    weights = tiny_sdxl_text_weights(torch.Generator().manual_seed(0))
-    clip_l = load_clip_text_model(weights["clip_l"], hidden_act="quick_gelu").eval()
-    clip_g = load_clip_text_model(weights["clip_g"], with_projection=True, hidden_act="gelu").eval()
-    return clip_l, clip_g
+    return tiny_sdxl_text_encoders(seed=0)
 
 
 # ---- token ids and weights ------------------------------------------------------------------------------
